@@ -1,1 +1,27 @@
-"""kernels/reference."""
+"""Pure-torch reference ops: the oracle, the CPU production path and every backend's fallback.
+
+Each op takes and returns plain tensors; `OPS` is the table the kernel resolver binds.
+"""
+
+from .attention import gqa_attention, kv_cache_write
+from .linear import embedding, linear
+from .mlp import swiglu_mlp
+from .moe import moe, moe_experts, moe_route
+from .norm import add_rms_norm, rms_norm
+from .rope import rope
+
+OPS = {
+    "embedding": embedding,
+    "linear": linear,
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "rope": rope,
+    "kv_cache_write": kv_cache_write,
+    "gqa_attention": gqa_attention,
+    "swiglu_mlp": swiglu_mlp,
+    "moe_route": moe_route,
+    "moe_experts": moe_experts,
+    "moe": moe,
+}
+
+__all__ = ["OPS", *OPS]
