@@ -1,1 +1,1 @@
-"""backends/cpu."""
+"""The cpu backend: reference kernels on host memory."""
