@@ -1,0 +1,13 @@
+"""Registers the Iluvatar CoreX backend (priority 30: only one GPU runtime can be present)."""
+
+from ...core.backend import BackendSpec
+from ...core.hookspecs import hookimpl
+from .backend import make_backend
+from .probe import probe
+
+
+@hookimpl
+def ernie_hal_register_backends():
+    return [BackendSpec(name="ixuca", aliases=("iluvatar", "corex"), priority=30, probe=probe,
+                        factory=make_backend,
+                        description="Iluvatar CoreX BI-V150 through CoreX PyTorch (IXUCA)")]

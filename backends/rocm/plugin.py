@@ -1,0 +1,13 @@
+"""Registers the AMD ROCm backend (priority 30: only one GPU runtime can be present)."""
+
+from ...core.backend import BackendSpec
+from ...core.hookspecs import hookimpl
+from .backend import make_backend
+from .probe import probe
+
+
+@hookimpl
+def ernie_hal_register_backends():
+    return [BackendSpec(name="rocm", aliases=("hip", "amd"), priority=30, probe=probe,
+                        factory=make_backend,
+                        description="AMD Instinct MI300X/MI325X/MI355X through ROCm PyTorch; Triton kernels")]
