@@ -12,7 +12,7 @@ import torch
 
 # Every op a backend provides (ARCHITECTURE.md "Ops every backend provides").
 OPS = ("embedding", "linear", "rms_norm", "add_rms_norm", "rope", "kv_cache_write",
-       "gqa_attention", "swiglu_mlp", "moe_route", "moe_experts", "moe")
+       "rope_kv_write", "gqa_attention", "swiglu_mlp", "moe_route", "moe_experts", "moe")
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Random-weight models are written into a per-session cache, never the user's."""
-    cache = tmp_path_factory.getbasetemp() / "ernie-hal-cache"
-    monkeypatch.setenv("ERNIE_HAL_CACHE", str(cache))
-    monkeypatch.delenv("ERNIE_HAL_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Random-weight models are written into a per-session cache, never the user's. Session
+    scope, so it is set before any module-scoped fixture loads a model."""
+    old = os.environ.get("ERNIE_HAL_CACHE")
+    os.environ["ERNIE_HAL_CACHE"] = str(tmp_path_factory.getbasetemp() / "ernie-hal-cache")
+    os.environ.pop("ERNIE_HAL_DISABLE_PLUGIN_AUTOLOAD", None)
     yield
+    if old is None:
+        os.environ.pop("ERNIE_HAL_CACHE", None)
+    else:
+        os.environ["ERNIE_HAL_CACHE"] = old
 
 
 @pytest.fixture
-def cli_env(tmp_path_factory):
-    """Environment for running `python -m ernie_hal` in a subprocess."""
-    env = dict(os.environ)
-    env["ERNIE_HAL_CACHE"] = str(tmp_path_factory.getbasetemp() / "ernie-hal-cache")
-    return env
-
-
-def run_cli(args, env, timeout=300):
+def cli():
+    """Runs `python -m ernie_hal ARGS` as a user would, in a subprocess, with the test cache."""
     import subprocess
-    return subprocess.run([sys.executable, "-m", "ernie_hal", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+
+    def run(args, timeout=300, env=None):
+        return subprocess.run([sys.executable, "-m", "ernie_hal", *args], env=env or dict(os.environ),
+                              capture_output=True, text=True, timeout=timeout)
+    return run

@@ -11,3 +11,12 @@ def ernie_hal_register_backends():
     return [BackendSpec(name="ixuca", aliases=("iluvatar", "corex"), priority=30, probe=probe,
                         factory=make_backend,
                         description="Iluvatar CoreX BI-V150 through CoreX PyTorch (IXUCA)")]
+
+
+@hookimpl
+def ernie_hal_get_kernel(backend, op, spec):
+    # the pure-torch reference ops run on the device until the Triton kernels are bound
+    if backend.name == "ixuca":
+        from ...kernels.reference import OPS
+        return OPS.get(op)
+    return None

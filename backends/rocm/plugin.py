@@ -10,4 +10,13 @@ from .probe import probe
 def ernie_hal_register_backends():
     return [BackendSpec(name="rocm", aliases=("hip", "amd"), priority=30, probe=probe,
                         factory=make_backend,
-                        description="AMD Instinct MI300X/MI325X/MI355X through ROCm PyTorch; Triton kernels")]
+                        description="AMD Instinct MI300X/MI325X/MI355X through ROCm PyTorch")]
+
+
+@hookimpl
+def ernie_hal_get_kernel(backend, op, spec):
+    # the pure-torch reference ops run on the device until the Triton kernels are bound
+    if backend.name == "rocm":
+        from ...kernels.reference import OPS
+        return OPS.get(op)
+    return None

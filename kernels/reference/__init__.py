@@ -8,7 +8,7 @@ from .linear import embedding, linear
 from .mlp import swiglu_mlp
 from .moe import moe, moe_experts, moe_route
 from .norm import add_rms_norm, rms_norm
-from .rope import rope
+from .rope import rope, rope_kv_write
 
 OPS = {
     "embedding": embedding,
@@ -17,6 +17,7 @@ OPS = {
     "add_rms_norm": add_rms_norm,
     "rope": rope,
     "kv_cache_write": kv_cache_write,
+    "rope_kv_write": rope_kv_write,
     "gqa_attention": gqa_attention,
     "swiglu_mlp": swiglu_mlp,
     "moe_route": moe_route,

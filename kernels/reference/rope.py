@@ -26,3 +26,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
     freqs = positions.float()[:, None] * _inv_freq(d, float(theta), q.device)  # [T, d/2]
     cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]                # [T, 1, d/2]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rope_kv_write(q, k, v, positions, theta, k_cache, v_cache, slot_mapping):
+    """Rotate q and k, then write the rotated k and v into the paged cache; returns rotated q.
+    GPU backends fuse this into one kernel; here it is the two reference ops in sequence."""
+    from .attention import kv_cache_write
+    q, k = rope(q, k, positions, theta)
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q

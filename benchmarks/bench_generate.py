@@ -1,0 +1,219 @@
+"""ernie-hal vs Hugging Face transformers, same checkpoint, same machine, same run.
+
+Prefill tokens/s (one 1024-token prompt), decode tokens/s (batch 1, 128 new tokens, greedy),
+achieved GB/s of weight reads during decode against this machine's measured copy bandwidth,
+and peak RSS. Each (engine, dtype) runs in its own process so peak RSS is its own.
+
+    python benchmarks/bench_generate.py [--model DIR] [--device cpu] [--dtypes fp32 bf16]
+
+Writes benchmarks/results/bench_generate_<device>.json (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ernie_hal(args) -> dict:
+    import torch
+
+    import ernie_hal
+    rss0 = peak_rss()
+    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype)
+    eng = model.engine
+    prompt = torch.randint(3, model.config.vocab_size, (args.prefill_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    short = prompt[:16]
+
+    def prefill():
+        t = time.perf_counter()
+        _prefill_only(model, prompt)
+        sync(args.device)
+        return time.perf_counter() - t
+
+    def decode():
+        out = model.generate(short, max_new_tokens=args.decode_len, temperature=0, ignore_eos=True)
+        m = out.metrics
+        return m["decode_seconds"], m["decode_tokens"]
+
+    prefill()  # warm-up
+    pre = [prefill() for _ in range(args.repeat)]
+    decode()
+    dec = [decode() for _ in range(args.repeat)]
+    return _report(model.config, args, pre, dec, rss0, weight_bytes(model.model.graph, model.dtype))
+
+
+def _prefill_only(model, prompt):
+    """A 1024-token prefill through the engine that stops at the first token."""
+    model.generate(prompt, max_new_tokens=1, temperature=0, ignore_eos=True)
+
+
+def run_transformers(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ernie_hal.core.config import ModelConfig
+    from ernie_hal.core.graph import build
+    rss0 = peak_rss()
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    config = ModelConfig.from_file(args.model)
+    prompt = torch.randint(3, config.vocab_size, (1, args.prefill_len),
+                           generator=torch.Generator().manual_seed(0)).to(args.device)
+    short = prompt[:, :16]
+
+    @torch.inference_mode()
+    def prefill():
+        t = time.perf_counter()
+        model(prompt, use_cache=True, logits_to_keep=1)
+        sync(args.device)
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def decode():
+        # HF's fastest plain path: a manual loop over the DynamicCache, no generate() overhead
+        out = model(short, use_cache=True, logits_to_keep=1)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(args.device)
+        t = time.perf_counter()
+        for _ in range(args.decode_len - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(args.device)
+        return time.perf_counter() - t, args.decode_len - 1
+
+    prefill()
+    pre = [prefill() for _ in range(args.repeat)]
+    decode()
+    dec = [decode() for _ in range(args.repeat)]
+    return _report(config, args, pre, dec, rss0, weight_bytes(build(config), dtype))
+
+
+def weight_bytes(graph, dtype) -> int:
+    """Bytes of weights read per decode step: everything but the embedding table (one row is
+    gathered), plus the head (the embedding again when tied)."""
+    import torch
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for w in graph.weights():
+        if w.role == "embed":
+            continue
+        total += w.numel * (4 if w.role == "router" else size)
+    return total + graph.head.numel * size
+
+
+def _report(config, args, pre, dec, rss0, wbytes) -> dict:
+    p = statistics.median(pre)
+    secs = statistics.median(d[0] for d in dec)
+    toks = dec[0][1]
+    return {"prefill_tokens": args.prefill_len, "prefill_seconds": p, "prefill_tokens_per_s": args.prefill_len / p,
+            "decode_tokens": toks, "decode_seconds": secs, "decode_tokens_per_s": toks / secs,
+            "decode_weight_gbps": wbytes * toks / secs / 1e9, "weight_bytes_per_token": wbytes,
+            "rss_before_load_bytes": rss0, "peak_rss_bytes": peak_rss()}
+
+
+def measure_copy_gbps(device="cpu", nbytes=1 << 30) -> float:
+    """The machine's memory limit as seen by torch: a large tensor copy (read + write)."""
+    import torch
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def child(args):
+    fn = run_ernie_hal if args.engine == "ernie-hal" else run_transformers
+    print("RESULT " + json.dumps(fn(args)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint dir; default: make ernie-4.5-0.3b random weights")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--engines", nargs="+", default=["ernie-hal", "transformers"])
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--decode-len", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.engine:
+        return child(args)
+    if args.model is None:
+        args.model = os.path.join(tempfile.gettempdir(), "ernie-hal-bench-0.3b")
+        if not os.path.exists(os.path.join(args.model, "config.json")):
+            subprocess.run([sys.executable, "-m", "ernie_hal", "make-checkpoint", "--preset", "ernie-4.5-0.3b",
+                            "--out", args.model, "--overwrite"], check=True)
+    limit = measure_copy_gbps(args.device)
+    rows = []
+    for dtype in args.dtypes:
+        for engine in args.engines:
+            cmd = [sys.executable, __file__, "--engine", engine, "--dtype", dtype, "--model", args.model,
+                   "--device", args.device, "--prefill-len", str(args.prefill_len),
+                   "--decode-len", str(args.decode_len), "--repeat", str(args.repeat)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not line:
+                rows.append({"engine": engine, "dtype": dtype, "error": out.stderr[-2000:]})
+                print(f"{engine} {dtype}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(line[-1][7:])
+            r.update(engine=engine, dtype=dtype)
+            rows.append(r)
+            print(f"{engine:<13} {dtype:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
+                  f"decode {r['decode_tokens_per_s']:7.2f} tok/s   "
+                  f"{r['decode_weight_gbps']:6.2f} GB/s of {limit:.1f} GB/s copy limit   "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+    import torch
+    result = {"benchmark": "bench_generate", "model": args.model, "device": args.device,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "memory_copy_gbps": limit, "prefill_len": args.prefill_len, "decode_len": args.decode_len,
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    os.makedirs(RESULTS, exist_ok=True)
+    dest = os.path.join(RESULTS, f"bench_generate_{args.device.split(':')[0]}.json")
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, dest)
+    print(f"saved {dest}")
+
+
+if __name__ == "__main__":
+    main()

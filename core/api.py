@@ -1,0 +1,188 @@
+"""The Python API: devices(), pick_device(), load() and the Model it returns."""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from . import defaults
+from .backend import Backend
+from .engine import Engine
+from .graph import build
+from .kernels import OpSpec
+from .model import ErnieModel, ResidentWeights
+from .registry import get_registry
+from .sampling import SamplingParams
+from .weights import Checkpoint
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def devices(smoke_test: bool = True) -> list:
+    """Every registered backend and device: availability, reason, facts, and a tiny-op check."""
+    from .smoke import describe_all
+    return describe_all(get_registry(), smoke_test=smoke_test)
+
+
+def pick_device(device: str = "auto", min_memory: int = 0) -> Backend:
+    """The Backend for `device` ("auto", "cpu", "cuda:1", "rocm", ...). Explicit requests that
+    cannot be met raise DeviceError with the probe's reason; only "auto" falls back."""
+    return get_registry().pick(device, min_memory=min_memory)
+
+
+def resolve_dtype(dtype, backend: Backend, config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype in (None, "auto"):
+        wanted = getattr(torch, config.dtype)
+        chosen = next((d for d in (wanted, torch.float16, torch.float32) if d in backend.caps.dtypes))
+    elif str(dtype).lower() in DTYPES:
+        chosen = DTYPES[str(dtype).lower()]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    if chosen not in backend.caps.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in backend.caps.dtypes)
+        raise ValueError(f"{backend.info.label} ({backend.info.name}) does not support {chosen}; it supports {names}")
+    return chosen
+
+
+def resolve_model_path(path_or_preset: str | None, progress=None) -> tuple:
+    """(directory, is_random_weights). None = the embedded default model."""
+    if path_or_preset is None:
+        return defaults.random_model_path(defaults.DEFAULT_PRESET, progress=progress), True
+    if os.path.isdir(path_or_preset):
+        return path_or_preset, _is_random(path_or_preset)
+    if defaults.is_preset(path_or_preset):
+        return defaults.random_model_path(path_or_preset.lower(), progress=progress), True
+    raise FileNotFoundError(
+        f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
+        f"({', '.join(sorted(defaults.PRESETS))}); download an ERNIE-4.5 -PT checkpoint or make one "
+        f"with `ernie-hal make-checkpoint`")
+
+
+def _is_random(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "ernie_hal_tokenizer.json"))
+
+
+def _load_tokenizer(path):
+    """The checkpoint's tokenizer, or None: a directory of weights only still serves token ids."""
+    from .tokenizer import TokenizerError, load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux: the OS's high-water mark of this process
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list
+    prompt_token_ids: list
+    finish_reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+class Model:
+    """A loaded model: `generate` for text, `logits` for parity checks."""
+
+    def __init__(self, path, config, backend, dtype, model: ErnieModel, tokenizer, random_weights,
+                 rss_before_load):
+        self.path, self.config, self.backend, self.dtype = path, config, backend, dtype
+        self.model, self.tokenizer, self.random_weights = model, tokenizer, random_weights
+        self.rss_before_load = rss_before_load
+        self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else ())
+
+    @property
+    def kernels(self) -> dict:
+        """op -> implementation bound at load."""
+        return self.model.kernels.describe()
+
+    def encode(self, prompt, chat: bool = False) -> list:
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer; pass token ids instead of text")
+        if chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.8,
+                 top_k: int = 0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
+                 ignore_eos: bool = False, on_token=None):
+        """Text (or token-id lists) in, Completion(s) out: one for a single prompt, a list for a list.
+        temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+                                              all(isinstance(t, int) for t in prompts))
+        batch = [prompts] if single else list(prompts)
+        ids = [self.encode(p, chat=chat) for p in batch]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop_token_ids=tuple(stop_token_ids),
+                                ignore_eos=ignore_eos)
+        seqs, times = self.engine.generate(ids, params, on_token=on_token)
+        metrics = times.as_dict()
+        metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes())
+        out = [Completion(text=self.decode(s.output_ids), token_ids=list(s.output_ids),
+                          prompt_token_ids=list(s.prompt_ids), finish_reason=s.finish_reason,
+                          metrics=metrics) for s in seqs]
+        return out[0] if single else out
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+
+    @torch.inference_mode()
+    def logits(self, token_ids) -> torch.Tensor:
+        """float32 logits [T, vocab] for every position of one sequence (prefill, causal)."""
+        ids = [int(t) for t in token_ids]
+        seq = self.engine.new_sequence(ids, SamplingParams(max_new_tokens=1, temperature=0))
+        kv = self.engine.ensure_kv(self.engine.blocks_for(len(ids)))
+        kv.add_sequence(seq.seq_id)
+        try:
+            meta = kv.prepare([seq.seq_id], [len(ids)])
+            dev = self.backend.device
+            return self.model.forward(torch.tensor(ids, dtype=torch.long, device=dev), meta, kv).cpu()
+        finally:
+            kv.free_sequence(seq.seq_id)
+
+    def __repr__(self) -> str:
+        kind = " (random weights)" if self.random_weights else ""
+        return f"<ernie_hal.Model {self.path}{kind} on {self.backend.info.label} {self.dtype}>"
+
+
+def load(path_or_preset: str | None = None, device: str = "auto", dtype="auto",
+         allow_fallback: bool = True, progress=None, max_device_memory: int | None = None) -> Model:
+    """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
+    default). `progress(done_bytes, total_bytes)` is called while weights are read."""
+    rss_before = psutil.Process().memory_info().rss
+    backend = pick_device(device)
+    if max_device_memory is not None:
+        backend.set_budget(max_device_memory)
+    path, random_weights = resolve_model_path(path_or_preset)
+    ckpt = Checkpoint.open(path)
+    config = ckpt.config
+    dtype = resolve_dtype(dtype, backend, config)
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
+    ckpt.validate(graph.expected_tensors())
+    kernels = get_registry().kernel_table(backend, OpSpec.for_model(config, dtype, allow_fallback))
+    total, done = graph.total_bytes, [0]
+
+    def tick(n):
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick)
+    tokenizer = _load_tokenizer(path)
+    return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
+                 tokenizer, random_weights, rss_before)

@@ -1,0 +1,189 @@
+"""Generation: batched prefill and decode over the block KV cache.
+
+`Engine.step` runs one forward over a ragged batch of sequences (each contributes its
+pending prompt chunk or its last sampled token) and samples for the sequences whose
+pending tokens are all in the cache. `generate` drives it for a fixed set of prompts; the
+server's scheduler drives the same step with sequences joining and leaving.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kvcache import KVCache
+from .model import ErnieModel
+from .sampling import SamplingParams, make_generator, sample
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot serve as asked (too long, empty prompt, ...)."""
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list
+    params: SamplingParams
+    output_ids: list = field(default_factory=list)
+    num_computed: int = 0                 # tokens whose K/V are in the cache
+    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    generator: torch.Generator | None = None
+
+    @property
+    def all_ids(self) -> list:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StepTimes:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens, "prefill_seconds": self.prefill_seconds,
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0,
+            "decode_tokens": self.decode_tokens, "decode_seconds": self.decode_seconds,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0,
+        }
+
+
+class Engine:
+    def __init__(self, model: ErnieModel, stop_token_ids=(), max_model_len: int | None = None,
+                 block_size: int = 16):
+        self.model = model
+        self.config = model.config
+        self.stop_token_ids = tuple(stop_token_ids) or (self.config.eos_token_id,)
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        self.block_size = block_size
+        self.kv: KVCache | None = None
+        self._ids = itertools.count()
+
+    # ---- KV cache ---------------------------------------------------------------------------
+    def ensure_kv(self, num_blocks: int) -> KVCache:
+        """A cache with at least `num_blocks` free blocks (reallocated when too small and idle)."""
+        if self.kv is None or self.kv.num_free_blocks < num_blocks:
+            if self.kv is not None:
+                self.model.backend.release(self._kv_bytes)
+            c, b = self.config, self.model.backend
+            self.kv = KVCache(c.num_hidden_layers, num_blocks, self.block_size, c.num_key_value_heads,
+                              c.head_dim, self.model.dtype, b.device, alloc=b.alloc)
+            self._kv_bytes = (2 * c.num_hidden_layers * num_blocks * self.block_size *
+                              c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize)
+        return self.kv
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def new_sequence(self, prompt_ids, params: SamplingParams, seed_offset: int = 0) -> Sequence:
+        params.validate()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise GenerationError("the prompt encodes to zero tokens; give at least one token of input")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise GenerationError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the model's context of {self.max_model_len} tokens; shorten the prompt or lower "
+                f"max_new_tokens")
+        seed = None if params.seed is None else params.seed + seed_offset
+        return Sequence(next(self._ids), prompt_ids, params, generator=make_generator(seed))
+
+    # ---- one forward ------------------------------------------------------------------------
+    def step(self, seqs: list, max_tokens: int | None = None) -> list:
+        """One forward over `seqs` (unfinished, registered in self.kv). Each takes all its pending
+        tokens, or a chunk of them when `max_tokens` caps the step. Returns [(seq, token_id)] for
+        the sequences that produced a token."""
+        kv = self.kv
+        budget = max_tokens or sum(s.num_pending for s in seqs)
+        ids, counts, taken = [], [], []
+        for s in seqs:
+            n = min(s.num_pending, budget)
+            if n <= 0:
+                continue
+            ids.extend(s.all_ids[s.num_computed:s.num_computed + n])
+            counts.append(n)
+            taken.append(s)
+            budget -= n
+        if not taken:
+            return []
+        meta = kv.prepare([s.seq_id for s in taken], counts)
+        ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long) - 1
+        ready = [i for i, (s, n) in enumerate(zip(taken, counts)) if s.num_pending == n]
+        rows = ends[ready].to(self.model.backend.device)
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.model.backend.device),
+                                    meta, kv, rows) if ready else None
+        out = []
+        for s, n in zip(taken, counts):
+            s.num_computed += n
+        if logits is not None:
+            logits = logits.cpu()
+            for row, i in enumerate(ready):
+                s = taken[i]
+                token = sample(logits[row], s.params, s.generator)
+                s.output_ids.append(token)
+                self._check_finished(s, token)
+                out.append((s, token))
+        return out
+
+    def _check_finished(self, s: Sequence, token: int) -> None:
+        stops = s.params.stop_token_ids or self.stop_token_ids
+        if token in stops and not s.params.ignore_eos:
+            s.finish_reason = "stop"
+        elif len(s.output_ids) >= s.params.max_new_tokens or len(s.all_ids) >= self.max_model_len:
+            s.finish_reason = "length"
+
+    # ---- a fixed batch ----------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams, on_token=None) -> tuple:
+        """Generate for every prompt (lists of ids). `on_token(index, token_id)` streams.
+        Returns (sequences, StepTimes)."""
+        seqs = [self.new_sequence(p, params, seed_offset=i) for i, p in enumerate(prompts)]
+        need = sum(self.blocks_for(len(s.prompt_ids) + params.max_new_tokens) for s in seqs)
+        kv = self.ensure_kv(need)
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        times = StepTimes()
+        for s in seqs:
+            kv.add_sequence(s.seq_id)
+        try:
+            running = list(seqs)
+            first = True
+            while running:
+                t0 = time.perf_counter()
+                produced = self.step(running)
+                dt = time.perf_counter() - t0
+                if first:
+                    times.prefill_tokens += sum(len(s.prompt_ids) for s in seqs)
+                    times.prefill_seconds += dt
+                    first = False
+                else:
+                    times.decode_tokens += len(produced)
+                    times.decode_seconds += dt
+                for s, token in produced:
+                    if on_token is not None:
+                        on_token(index[s.seq_id], token)
+                running = [s for s in running if not s.finished]
+        finally:
+            for s in seqs:
+                kv.free_sequence(s.seq_id)
+        return seqs, times

@@ -1,0 +1,86 @@
+"""Engine on a tiny random MoE model: cached decode equals full recompute, a ragged batch
+equals one-by-one, chunked prefill equals one prefill, seeds, stop conditions, limits."""
+
+import pytest
+import torch
+
+import ernie_hal
+from ernie_hal.core.engine import GenerationError
+from ernie_hal.core.sampling import SamplingError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ernie_hal.load("tiny-moe", device="cpu", dtype="fp32")
+
+
+def test_cached_greedy_decode_equals_full_recompute(model):
+    prompt = [5, 17, 99, 3, 250, 31]
+    out = model.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
+    ids = list(prompt)
+    for _ in range(12):   # no cache: recompute every position each step
+        ids.append(int(model.logits(ids)[-1].argmax()))
+    assert out == ids[len(prompt):]
+
+
+def test_ragged_batch_equals_one_by_one(model):
+    prompts = [[7] * 3, list(range(10, 40)), [300, 301], list(range(100, 117))]  # crosses 16-token blocks
+    batch = model.generate(prompts, max_new_tokens=9, temperature=0, ignore_eos=True)
+    for p, b in zip(prompts, batch):
+        assert model.generate(p, max_new_tokens=9, temperature=0, ignore_eos=True).token_ids == b.token_ids
+
+
+def test_chunked_prefill_equals_single_prefill(model):
+    eng, prompt = model.engine, list(range(3, 60))
+    seq = eng.new_sequence(prompt, SamplingParams(max_new_tokens=1, temperature=0))
+    kv = eng.ensure_kv(eng.blocks_for(len(prompt) + 1))
+    kv.add_sequence(seq.seq_id)
+    produced = []
+    while not produced:
+        produced = eng.step([seq], max_tokens=16)   # 57 prompt tokens in chunks of 16
+    kv.free_sequence(seq.seq_id)
+    assert produced[0][1] == int(model.logits(prompt)[-1].argmax())
+
+
+def test_seeded_sampling_is_reproducible_and_seed_sensitive(model):
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
+    a = model.generate("hello", seed=3, **kw).token_ids
+    assert a == model.generate("hello", seed=3, **kw).token_ids
+    assert a != model.generate("hello", seed=4, **kw).token_ids
+
+
+def test_top_k_1_is_greedy(model):
+    greedy = model.generate("abc", max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
+    assert model.generate("abc", max_new_tokens=8, temperature=0.7, top_k=1, seed=0,
+                          ignore_eos=True).token_ids == greedy
+
+
+def test_stops_on_a_stop_token(model):
+    free = model.generate("xyz", max_new_tokens=6, temperature=0, ignore_eos=True)
+    stop_at = free.token_ids[2]
+    out = model.generate("xyz", max_new_tokens=6, temperature=0, stop_token_ids=[stop_at])
+    assert out.token_ids == free.token_ids[:free.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and free.finish_reason == "length"
+
+
+def test_length_and_input_errors(model):
+    with pytest.raises(GenerationError, match="exceeds the model's context of 2048"):
+        model.generate([5] * 2000, max_new_tokens=100)
+    with pytest.raises(GenerationError, match="zero tokens"):
+        model.generate([[]], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        model.generate([10_000], max_new_tokens=4)
+    with pytest.raises(SamplingError, match="top_p"):
+        model.generate("a", top_p=0.0)
+
+
+def test_kv_blocks_are_returned_after_generation(model):
+    model.generate(["a", "bb", "ccc"], max_new_tokens=5, temperature=0)
+    kv = model.engine.kv
+    assert kv.num_free_blocks == kv.num_blocks if hasattr(kv, "num_blocks") else True
+
+
+def test_metrics_are_reported(model):
+    m = model.generate("metrics", max_new_tokens=4, temperature=0, ignore_eos=True).metrics
+    assert m["prefill_tokens"] > 0 and m["decode_tokens"] == 3
+    assert m["peak_rss_bytes"] >= m["rss_before_load_bytes"] > 0
