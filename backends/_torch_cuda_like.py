@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..core.backend import Backend, Capabilities, DeviceInfo
+from ..core.backend import Backend, Capabilities, DeviceInfo, ProbeResult
 
 GiB = 1024 ** 3
 KiB = 1024
@@ -222,6 +222,18 @@ def listed_devices(backend: str, snap: Snapshot, table: tuple, use_arch: bool = 
         spec = lookup(table, f.arch, f.name, f.memory_total) if (f.arch or f.name) else None
         out.append(device_info(backend, i, f, spec))
     return tuple(out)
+
+
+def probe_snapshot(snap: Snapshot, backend: str, table: tuple, build_reason: str, runtime: str,
+                   no_device_hint: str, use_arch: bool = True) -> ProbeResult:
+    """The probe every CUDA-like backend runs: right torch build, devices counted, listed."""
+    if build_reason:
+        return ProbeResult(False, build_reason)
+    if snap.count_error:
+        return ProbeResult(False, f"{runtime} present but counting devices failed: {snap.count_error}")
+    if snap.device_count == 0:
+        return ProbeResult(False, f"{runtime} present but no GPU visible ({snap.visible_note() or no_device_hint})")
+    return ProbeResult(True, devices=listed_devices(backend, snap, table, use_arch=use_arch))
 
 
 def device_info(backend: str, index: int, facts: GpuFacts, spec: DeviceSpec | None) -> DeviceInfo:

@@ -6,6 +6,7 @@ Placement plans from it, the loader fills it, the executor (core/model.py) walks
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,10 +26,7 @@ class WeightRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ so streaming a checkpoint larger than RAM does not fill host memory with it.
 
 from __future__ import annotations
 
+import math
 import json
 import mmap
 import os
@@ -54,10 +55,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: str) -> dict[str, TensorRef]:

@@ -1,7 +1,7 @@
 """Is NVIDIA CUDA usable here? A pure function of a Snapshot, plus the real probe()."""
 
 from ...core.backend import ProbeResult
-from .._torch_cuda_like import GpuFacts, Snapshot, listed_devices, read_nvml_like, take_snapshot
+from .._torch_cuda_like import GpuFacts, Snapshot, probe_snapshot, read_nvml_like, take_snapshot
 from .devices import NVIDIA
 
 VISIBLE_VARS = ("CUDA_VISIBLE_DEVICES",)
@@ -20,15 +20,8 @@ def build_reason(snap: Snapshot) -> str:
 
 
 def probe_from(snap: Snapshot) -> ProbeResult:
-    reason = build_reason(snap)
-    if reason:
-        return ProbeResult(False, reason)
-    if snap.count_error:
-        return ProbeResult(False, f"CUDA torch present but counting devices failed: {snap.count_error}")
-    if snap.device_count == 0:
-        why = snap.visible_note() or "no NVIDIA driver or device found"
-        return ProbeResult(False, f"CUDA torch present (CUDA {snap.cuda}) but no GPU visible ({why})")
-    return ProbeResult(True, devices=listed_devices("cuda", snap, NVIDIA))
+    return probe_snapshot(snap, "cuda", NVIDIA, build_reason(snap), f"CUDA torch (CUDA {snap.cuda})",
+                          "no NVIDIA driver or device found")
 
 
 def read_nvml() -> tuple | None:

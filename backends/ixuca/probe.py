@@ -6,7 +6,7 @@ and memory without creating a context.
 """
 
 from ...core.backend import ProbeResult
-from .._torch_cuda_like import Snapshot, listed_devices, read_nvml_like, take_snapshot
+from .._torch_cuda_like import Snapshot, probe_snapshot, read_nvml_like, take_snapshot
 from .devices import ILUVATAR
 
 VISIBLE_VARS = ("CUDA_VISIBLE_DEVICES",)
@@ -32,16 +32,9 @@ def build_reason(snap: Snapshot) -> str:
 
 
 def probe_from(snap: Snapshot) -> ProbeResult:
-    reason = build_reason(snap)
-    if reason:
-        return ProbeResult(False, reason)
-    if snap.count_error:
-        return ProbeResult(False, f"CoreX torch present but counting devices failed: {snap.count_error}")
-    if snap.device_count == 0:
-        why = snap.visible_note() or "no Iluvatar driver or device found; check `ixsmi`"
-        return ProbeResult(False, f"CoreX torch present but no GPU visible ({why})")
     # ixML's compute capability (7.1) is not an arch name: match the table by name only
-    return ProbeResult(True, devices=listed_devices("ixuca", snap, ILUVATAR, use_arch=False))
+    return probe_snapshot(snap, "ixuca", ILUVATAR, build_reason(snap), "CoreX torch",
+                          "no Iluvatar driver or device found; check `ixsmi`", use_arch=False)
 
 
 def probe() -> ProbeResult:

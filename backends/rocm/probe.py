@@ -5,7 +5,7 @@ string (None on CUDA builds): PyTorch docs "HIP (ROCm) semantics".
 """
 
 from ...core.backend import ProbeResult
-from .._torch_cuda_like import GpuFacts, Snapshot, listed_devices, take_snapshot
+from .._torch_cuda_like import GpuFacts, Snapshot, probe_snapshot, take_snapshot
 from .devices import AMD
 
 # ROCR filters first, then HIP (which also honours CUDA_VISIBLE_DEVICES): HARDWARE.md
@@ -22,15 +22,8 @@ def build_reason(snap: Snapshot) -> str:
 
 
 def probe_from(snap: Snapshot) -> ProbeResult:
-    reason = build_reason(snap)
-    if reason:
-        return ProbeResult(False, reason)
-    if snap.count_error:
-        return ProbeResult(False, f"ROCm torch present but counting devices failed: {snap.count_error}")
-    if snap.device_count == 0:
-        why = snap.visible_note() or "no amdgpu driver or /dev/kfd access"
-        return ProbeResult(False, f"ROCm torch present but no GPU visible ({why})")
-    return ProbeResult(True, devices=listed_devices("rocm", snap, AMD))
+    return probe_snapshot(snap, "rocm", AMD, build_reason(snap), "ROCm torch",
+                          "no amdgpu driver or /dev/kfd access")
 
 
 def read_amdsmi() -> tuple | None:
