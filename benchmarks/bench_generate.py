@@ -151,8 +151,26 @@ def measure_copy_gbps(device="cpu", nbytes=1 << 30) -> float:
 
 
 def child(args):
+    if args.engine == "copy":
+        print("RESULT " + json.dumps({"memory_copy_gbps": measure_copy_gbps(args.device)}))
+        return
     fn = run_ernie_hal if args.engine == "ernie-hal" else run_transformers
     print("RESULT " + json.dumps(fn(args)))
+
+
+def spawn(args, engine, dtype="fp32") -> dict:
+    """One measurement in a fresh process. The parent never imports torch nor holds buffers:
+    Linux keeps ru_maxrss across fork+exec, so a heavy parent would inflate every child's peak."""
+    cmd = [sys.executable, __file__, "--engine", engine, "--dtype", dtype, "--model", args.model,
+           "--device", args.device, "--prefill-len", str(args.prefill_len),
+           "--decode-len", str(args.decode_len), "--repeat", str(args.repeat)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not line:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(line[-1][7:])
 
 
 def main():
@@ -168,42 +186,34 @@ def main():
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     if args.engine:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         return child(args)
     if args.model is None:
         args.model = os.path.join(tempfile.gettempdir(), "ernie-hal-bench-0.3b")
         if not os.path.exists(os.path.join(args.model, "config.json")):
             subprocess.run([sys.executable, "-m", "ernie_hal", "make-checkpoint", "--preset", "ernie-4.5-0.3b",
                             "--out", args.model, "--overwrite"], check=True)
-    limit = measure_copy_gbps(args.device)
+    limit = spawn(args, "copy").get("memory_copy_gbps", 0.0)
     rows = []
     for dtype in args.dtypes:
         for engine in args.engines:
-            cmd = [sys.executable, __file__, "--engine", engine, "--dtype", dtype, "--model", args.model,
-                   "--device", args.device, "--prefill-len", str(args.prefill_len),
-                   "--decode-len", str(args.decode_len), "--repeat", str(args.repeat)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if out.returncode or not line:
-                rows.append({"engine": engine, "dtype": dtype, "error": out.stderr[-2000:]})
-                print(f"{engine} {dtype}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            r = json.loads(line[-1][7:])
+            r = spawn(args, engine, dtype)
             r.update(engine=engine, dtype=dtype)
+            if "error" in r:
+                rows.append(r)
+                print(f"{engine} {dtype}: FAILED\n{r['error']}", file=sys.stderr)
+                continue
             rows.append(r)
             print(f"{engine:<13} {dtype:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
                   f"decode {r['decode_tokens_per_s']:7.2f} tok/s   "
                   f"{r['decode_weight_gbps']:6.2f} GB/s of {limit:.1f} GB/s copy limit   "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
-    import torch
     result = {"benchmark": "bench_generate", "model": args.model, "device": args.device,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+                          "threads": args.threads or "torch default"},
               "memory_copy_gbps": limit, "prefill_len": args.prefill_len, "decode_len": args.decode_len,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     os.makedirs(RESULTS, exist_ok=True)
