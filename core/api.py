@@ -70,11 +70,12 @@ def _is_random(path: str) -> bool:
 
 
 def _load_tokenizer(path):
-    """The checkpoint's tokenizer, or None: a directory of weights only still serves token ids."""
-    from .tokenizer import TokenizerError, load_tokenizer
+    """The checkpoint's tokenizer, or None when it has no tokenizer files at all: a directory of
+    weights only still serves token ids. Malformed tokenizer files are an error."""
+    from .tokenizer import NoTokenizerError, load_tokenizer
     try:
         return load_tokenizer(path)
-    except TokenizerError:
+    except NoTokenizerError:
         return None
 
 
