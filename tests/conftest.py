@@ -3,6 +3,13 @@ import sys
 
 import pytest
 
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The variable
+# must be set before anything imports triton (transformers does, at collection), so here, first.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 

@@ -1,0 +1,189 @@
+"""Fused MoE wrappers with the reference signatures (kernels/reference/moe.py):
+
+    make_moe_route(config)   -> moe_route(x, router_weight, correction_bias, top_k, norm_min)
+                                -> (weights [T, k] x.dtype, ids [T, k] int64)
+    make_moe_experts(config) -> moe_experts(x, topk_weights, topk_ids, w_gate, w_up, w_down)
+    make_moe(config)         -> moe(x, router_weight, correction_bias, w_gate, w_up, w_down,
+                                    top_k, norm_min, shared=None)
+
+w_gate/w_up [E, I, H], w_down [E, H, I] (any strides); shared is None or (g, u, d) of one SwiGLU
+MLP, run with torch GEMMs + the SwiGLU kernel and added inside the combine kernel.
+
+One call: router logits by a torch fp32 GEMM (bit-identical to the reference's on the same
+device, so the selection is the reference's up to softmax rounding at exact near-ties) ->
+router kernel (softmax, biased top-k, unbiased gather, renormalise) -> moe_align_block_size
+(one Triton launch up to 4096 entries, torch sort above) -> gate+up kernel (SwiGLU fused, writes
+h [T*k, I]) -> down kernel (routing weight applied, y [T*k, H]) -> combine kernel (sum over k,
++ shared). Nothing waits for the device (meant for CUDA/HIP graph capture; not yet tried).
+Expert ids are trusted (not range-checked on the device).
+
+Config: a flat dict, used for every token count, or buckets keyed by the largest token count T
+each serves ({32: decode_cfg, 1024: mid_cfg, 65536: prefill_cfg}; keys may be digit strings,
+as in JSON; a T above every key takes the largest key's config). A flat config has:
+    BLOCK_M, BLOCK_N, BLOCK_K   tile of the grouped GEMMs (powers of two, >= 16); both expert
+                                launches use the same tile, N = I for gate+up and H for down
+    GROUP_M                     super-row swizzle (1 = none)
+    num_warps, num_stages       launch options
+    waves_per_eu, matrix_instr_nonkdim, kpack   AMD only; passed when present and the target is
+                                HIP (or the interpreter, which ignores them), dropped on CUDA
+Missing keys fall back to DEFAULT_CONFIG's bucket for that T.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ._interpret import AMD_OPTIONS, COMMON_OPTIONS, INTERPRET, check_keys, launch_options
+from .moe_align import moe_align_block_size
+from .moe_kernels import moe_combine_kernel, moe_down_kernel, moe_gate_up_kernel, moe_router_kernel
+from .swiglu import make_swiglu_mlp
+
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+CONFIG_KEYS = (*TILE_KEYS, *COMMON_OPTIONS, *AMD_OPTIONS)
+
+# Starting points in the spirit of vLLM's untuned defaults: short M blocks while experts see few
+# tokens each (decode: T*k/E is a handful), longer ones for prefill. Backends pass tuned ones.
+DEFAULT_CONFIG = {
+    32: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4,
+         "num_stages": 3},
+    1024: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+           "num_stages": 3},
+    1 << 30: {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+              "num_stages": 3},
+}
+
+
+def _check_flat(cfg: dict, where: str) -> dict:
+    check_keys(cfg, CONFIG_KEYS, where)
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg.get(k)
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{where}: {k}={v} must be a power of two >= 16 (tl.dot)")
+    if cfg.get("GROUP_M") is not None and cfg["GROUP_M"] < 1:
+        raise ValueError(f"{where}: GROUP_M={cfg['GROUP_M']} must be >= 1")
+    return dict(cfg)
+
+
+def normalize_config(config) -> list:
+    """None | flat dict | {max_T: flat dict} -> [(max_T, full flat dict)] sorted by max_T."""
+    if not config:
+        config = {}
+    if config and all(str(k).isdigit() for k in config):
+        buckets = sorted((int(k), _check_flat(v, f"moe config[{k}]")) for k, v in config.items())
+        return [(max_t, {**_bucket(_DEFAULTS, max_t), **cfg}) for max_t, cfg in buckets]
+    cfg = _check_flat(config, "moe config")
+    return [(max_t, {**base, **cfg}) for max_t, base in _DEFAULTS]
+
+
+def _bucket(buckets: list, T: int) -> dict:
+    for max_t, cfg in buckets:
+        if T <= max_t:
+            return cfg
+    return buckets[-1][1]
+
+
+_DEFAULTS = sorted(DEFAULT_CONFIG.items())
+
+
+def pick_config(config, T: int) -> dict:
+    """The flat config a call with T tokens uses (config as make_moe takes it)."""
+    return _bucket(normalize_config(config), T)
+
+
+def _launch_route(x, router_weight, correction_bias, top_k, norm_min):
+    T, E = x.shape[0], router_weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"moe_route: top_k={top_k} must be in [1, E={E}]")
+    logits = F.linear(x.float(), router_weight.float())                 # [T, E] fp32
+    weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    if T == 0:
+        return weights, ids
+    bias = None if correction_bias is None else correction_bias.reshape(-1).float()
+    block_e = max(16, triton.next_power_of_2(E))
+    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_e))
+    moe_router_kernel[(triton.cdiv(T, block_t),)](
+        logits, bias if bias is not None else logits, weights, ids, T, E, logits.stride(0),
+        float(norm_min), TOP_K=top_k, HAS_BIAS=bias is not None, BLOCK_T=block_t,
+        BLOCK_E=block_e, BLOCK_SLOTS=triton.next_power_of_2(top_k), num_warps=4)
+    return weights, ids
+
+
+def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, shared_out=None):
+    """Routed experts (+ shared_out [T, H] if given) -> [T, H] in x.dtype."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, I, H_w = w_gate.shape
+    assert H_w == H and w_up.shape == w_gate.shape and w_down.shape == (E, H, I), \
+        (x.shape, w_gate.shape, w_up.shape, w_down.shape)
+    assert topk_ids.shape == topk_weights.shape == (T, k), (topk_ids.shape, topk_weights.shape)
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    cfg = _bucket(buckets, T)
+    opts = launch_options(cfg)
+    BM, BN, BK, GM = (cfg[key] for key in TILE_KEYS)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, BM, E)
+    num_pid_m = expert_ids.numel()
+    n = T * k
+    flags = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, DOT_FP32=INTERPRET,
+                 IEEE=x.dtype == torch.float32 and not INTERPRET)
+
+    h = torch.empty((n, I), dtype=x.dtype, device=x.device)            # [T*k, I]
+    moe_gate_up_kernel[(num_pid_m * triton.cdiv(I, BN),)](
+        x, w_gate, w_up, h, sorted_ids, expert_ids, num_post, I, H, n, num_pid_m,
+        x.stride(0), x.stride(1), *w_gate.stride(), *w_up.stride(), h.stride(0), h.stride(1),
+        TOP_K=k, **flags, **opts)
+
+    y = torch.empty((n, H), dtype=x.dtype, device=x.device)            # [T*k, H]
+    w_flat = topk_weights.reshape(-1).to(x.dtype).contiguous()          # HF: weight in x.dtype
+    moe_down_kernel[(num_pid_m * triton.cdiv(H, BN),)](
+        h, w_down, y, w_flat, sorted_ids, expert_ids, num_post, H, I, n, num_pid_m,
+        h.stride(0), h.stride(1), *w_down.stride(), y.stride(0), y.stride(1), **flags, **opts)
+
+    block_n = min(1024, triton.next_power_of_2(H))
+    moe_combine_kernel[(T, triton.cdiv(H, block_n))](
+        y, shared_out if shared_out is not None else y, out, H, y.stride(0),
+        shared_out.stride(0) if shared_out is not None else 0, out.stride(0),
+        TOP_K=k, HAS_SHARED=shared_out is not None, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def make_moe_route(config=None):
+    """-> moe_route(x, router_weight, correction_bias, top_k, norm_min). The router kernel has
+    no tunables; config is accepted for symmetry and validated."""
+    normalize_config(config)
+
+    def moe_route(x: torch.Tensor, router_weight: torch.Tensor, correction_bias, top_k: int,
+                  norm_min: float):
+        return _launch_route(x, router_weight, correction_bias, top_k, norm_min)
+
+    return moe_route
+
+
+def make_moe_experts(config=None):
+    """-> moe_experts(x [T, H], topk_weights [T, k], topk_ids [T, k], w_gate, w_up, w_down)."""
+    buckets = normalize_config(config)
+
+    def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+        return _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down)
+
+    return moe_experts
+
+
+def make_moe(config=None):
+    """-> moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k, norm_min,
+    shared=None): route, routed experts, shared expert (weight 1), combined in one kernel."""
+    buckets = normalize_config(config)
+    amd = {k: v for k, v in buckets[-1][1].items() if k in AMD_OPTIONS}
+    shared_mlp = make_swiglu_mlp(amd)
+
+    def moe(x: torch.Tensor, router_weight: torch.Tensor, correction_bias, w_gate: torch.Tensor,
+            w_up: torch.Tensor, w_down: torch.Tensor, top_k: int, norm_min: float,
+            shared=None) -> torch.Tensor:
+        weights, ids = _launch_route(x, router_weight, correction_bias, top_k, norm_min)
+        shared_out = None if shared is None else shared_mlp(x, *shared)
+        return _launch_experts(buckets, x, weights, ids, w_gate, w_up, w_down, shared_out)
+
+    return moe
