@@ -24,7 +24,7 @@ class GenerationError(ValueError):
     """A request the engine cannot serve as asked (too long, empty prompt, ...)."""
 
 
-@dataclass
+@dataclass(eq=False)     # identity: two choices of one prompt are different sequences
 class Sequence:
     seq_id: int
     prompt_ids: list
@@ -111,15 +111,16 @@ class Engine:
         return Sequence(next(self._ids), prompt_ids, params, generator=make_generator(seed))
 
     # ---- one forward ------------------------------------------------------------------------
-    def step(self, seqs: list, max_tokens: int | None = None) -> list:
+    def step(self, seqs: list, max_tokens: int | None = None, num_tokens: list | None = None) -> list:
         """One forward over `seqs` (unfinished, registered in self.kv). Each takes all its pending
-        tokens, or a chunk of them when `max_tokens` caps the step. Returns [(seq, token_id)] for
-        the sequences that produced a token."""
+        tokens, or a chunk of them when `max_tokens` caps the step, or exactly `num_tokens[i]`
+        (a scheduler's plan, at most its pending count). Returns [(seq, token_id)] for the
+        sequences that produced a token."""
         kv = self.kv
         budget = max_tokens or sum(s.num_pending for s in seqs)
         ids, counts, taken = [], [], []
-        for s in seqs:
-            n = min(s.num_pending, budget)
+        for i, s in enumerate(seqs):
+            n = min(s.num_pending, budget if num_tokens is None else num_tokens[i])
             if n <= 0:
                 continue
             ids.extend(s.all_ids[s.num_computed:s.num_computed + n])
@@ -146,6 +147,17 @@ class Engine:
                 self._check_finished(s, token)
                 out.append((s, token))
         return out
+
+    def free(self, s: Sequence) -> None:
+        """Return a sequence's KV blocks (finished, aborted or preempted); safe to call twice."""
+        if self.kv is not None and s.seq_id in self.kv:
+            self.kv.free_sequence(s.seq_id)
+
+    def preempt(self, s: Sequence) -> None:
+        """Drop a running sequence's KV (recompute preemption): its prompt and the tokens it has
+        produced so far are prefilled again when it resumes, so no output is lost or repeated."""
+        self.free(s)
+        s.num_computed = 0
 
     def _check_finished(self, s: Sequence, token: int) -> None:
         stops = s.params.stop_token_ids or self.stop_token_ids

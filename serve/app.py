@@ -1,0 +1,369 @@
+"""The OpenAI-compatible HTTP server (FastAPI): /v1/chat/completions, /v1/completions,
+/v1/models, /health, /metrics. Handlers only parse, tokenize and format; model work runs on
+the engine thread (serve/async_engine.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..core.engine import Engine, GenerationError
+from ..core.sampling import SamplingError, SamplingParams
+from ..core.scheduler import Scheduler, size_kv_cache
+from .async_engine import AsyncEngine, Job
+from .metrics import ServerMetrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_messages, check_common,
+                       completion_prompts, parse, stop_strings)
+
+log = logging.getLogger("ernie_hal.serve")
+COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
+
+
+class Server:
+    """Everything a handler needs: the model, the async engine, metrics, the served name."""
+
+    def __init__(self, model, served_model_name: str, engine: AsyncEngine, metrics: ServerMetrics,
+                 api_key: str | None):
+        self.model, self.name, self.engine, self.metrics = model, served_model_name, engine, metrics
+        self.api_key, self.tokenizer = api_key, model.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.defaults = generation_defaults(model.path)
+        self.created = int(time.time())
+
+    # ---- request checks ---------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.name}`",
+                           param="model", code="model_not_found")
+
+    def sampling(self, req, max_tokens, prompt_len: int, default_max_tokens: int | None,
+                 prompt_param: str) -> SamplingParams:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt is "
+                                f"{prompt_len} tokens; shorten the prompt", param=prompt_param,
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens or limit, limit - prompt_len)
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                                f"completion). Reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        d = self.defaults
+        top_k = req.top_k if req.top_k is not None else d["top_k"]
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=float(req.temperature if req.temperature is not None else d["temperature"]),
+            top_p=float(req.top_p if req.top_p is not None else d["top_p"]),
+            top_k=max(0, top_k), seed=None if req.seed is None else req.seed % 2**63,
+            ignore_eos=req.ignore_eos)
+
+    def encode(self, prompt, param: str) -> list:
+        if isinstance(prompt, list):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise APIError(400, f"{self.model.path} has no tokenizer; send the prompt as token ids", param=param)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def submit(self, jobs: list, param: str):
+        try:
+            return self.engine.submit(jobs)
+        except (GenerationError, SamplingError) as e:
+            raise APIError(400, str(e), param=param) from None
+
+
+def generation_defaults(path) -> dict:
+    """Sampling defaults: the checkpoint's generation_config.json where it has them (as vLLM
+    does), else OpenAI's (temperature 1, top_p 1)."""
+    out = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    try:
+        with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return out
+    for key in out:
+        if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
+            out[key] = cfg[key]
+    return out
+
+
+def build_server(model, served_model_name: str | None = None, *, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 kv_cache_fraction: float = 0.5, block_size: int = 16, api_key: str | None = None) -> Server:
+    """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model."""
+    stops = model.tokenizer.stop_token_ids if model.tokenizer else ()
+    engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size)
+    size_kv_cache(engine, max_num_seqs, num_blocks=num_kv_blocks, memory=kv_cache_memory,
+                  fraction=kv_cache_fraction)
+    metrics = ServerMetrics()
+    scheduler = Scheduler(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          observer=metrics)
+    name = served_model_name or os.path.basename(os.path.normpath(str(model.path)))
+    return Server(model, name, AsyncEngine(engine, scheduler, model.tokenizer), metrics, api_key)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    app = FastAPI(title="ernie-hal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    metrics = server.metrics
+
+    def error(e: APIError) -> JSONResponse:
+        metrics.http_request(e.status)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        log.exception("unhandled error")
+        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if not server.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(server.engine.scheduler.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            server.check_auth(request)
+        except APIError as e:
+            return error(e)
+        metrics.http_request(200)
+        card = {"id": server.name, "object": "model", "created": server.created, "owned_by": "ernie-hal",
+                "max_model_len": server.max_model_len, "vocab_size": server.model.config.vocab_size}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            server.check_auth(request)
+            req = parse(ChatCompletionRequest, await request.body())
+            server.check_model(req.model)
+            check_common(req)
+            if server.tokenizer is None:
+                raise APIError(400, f"{server.model.path} has no tokenizer, so no chat template; "
+                                    f"use /v1/completions with token ids", param="messages")
+            messages = chat_messages(req)
+            try:
+                text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            ids = server.tokenizer.encode(text, add_special_tokens=False)
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            params = server.sampling(req, max_tokens, len(ids), None, "messages")
+            handle = server.submit([Job(ids, params, req.n, tuple(stop_strings(req.stop)))], "messages")
+        except APIError as e:
+            return error(e)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        if req.stream:
+            metrics.http_request(200)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_chat_stream(handle, meta, req.n, len(ids), usage, req.return_token_ids), handle)
+        return await _answer(request, handle, lambda outs: _chat_body(meta, outs, len(ids), req.return_token_ids),
+                             metrics)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            server.check_auth(request)
+            req = parse(CompletionRequest, await request.body())
+            server.check_model(req.model)
+            check_common(req)
+            prompts = [server.encode(p, "prompt") for p in completion_prompts(req)]
+            stop = tuple(stop_strings(req.stop))
+            jobs = [Job(ids, server.sampling(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS, "prompt"),
+                        req.n, stop) for ids in prompts]
+            handle = server.submit(jobs, "prompt")
+        except APIError as e:
+            return error(e)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if req.stream:
+            metrics.http_request(200)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_completion_stream(handle, meta, prompt_tokens, usage, req.return_token_ids), handle)
+        return await _answer(request, handle,
+                             lambda outs: _completion_body(meta, outs, prompt_tokens, req.return_token_ids), metrics)
+
+    return app
+
+
+# ---- answers ------------------------------------------------------------------------------------
+class _Choice:
+    def __init__(self):
+        self.parts, self.token_ids, self.finish_reason = [], [], None
+
+
+async def _collect(handle) -> list:
+    choices = [_Choice() for _ in range(handle.remaining)]
+    async for index, out in handle.events():
+        if out.error is not None:
+            raise APIError(500, f"generation failed: {out.error}", type="server_error")
+        if out.finish_reason == "abort":
+            raise APIError(503, "the request was aborted (server shutting down)", type="server_error")
+        c = choices[index]
+        c.parts.append(out.text)
+        if out.token_id is not None:
+            c.token_ids.append(out.token_id)
+        c.finish_reason = out.finish_reason or c.finish_reason
+    return choices
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(request: Request, handle, make_body, metrics) -> JSONResponse:
+    """Collect a non-streaming answer; a client that leaves first gets its work aborted."""
+    collector = asyncio.ensure_future(_collect(handle))
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not collector.done():    # nobody reads this answer; 499 as nginx logs it
+            metrics.http_request(499)
+            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+        try:
+            choices = collector.result()
+        except APIError as e:
+            metrics.http_request(e.status)
+            return JSONResponse(e.body(), status_code=e.status)
+        metrics.http_request(200)
+        return JSONResponse(make_body(choices))
+    finally:
+        handle.abort()
+        for task in (collector, watcher):
+            task.cancel()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _ids(c: _Choice, on: bool) -> dict:
+    return {"token_ids": c.token_ids} if on else {}
+
+
+def _chat_body(meta, choices, prompt_tokens, token_ids: bool) -> dict:
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.parts)},
+                         "logprobs": None, "finish_reason": c.finish_reason, **_ids(c, token_ids)}
+                        for i, c in enumerate(choices)],
+            "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+
+
+def _completion_body(meta, choices, prompt_tokens, token_ids: bool) -> dict:
+    return {**meta, "object": "text_completion",
+            "choices": [{"index": i, "text": "".join(c.parts), "logprobs": None, "finish_reason": c.finish_reason,
+                         **_ids(c, token_ids)} for i, c in enumerate(choices)],
+            "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
+
+
+# ---- server-sent events -------------------------------------------------------------------------
+def _sse(gen, handle) -> StreamingResponse:
+    # the background abort also runs when the client disconnected and the stream was cancelled
+    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(handle.abort),
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def _stream(handle, chunk, final_usage):
+    """Shared body of both streams: one chunk per token (or finish) of a choice, an error
+    chunk if generation fails, the usage chunk when asked, then [DONE]. Leaving early (the
+    client disconnected: the task is cancelled) aborts the work at once."""
+    tokens = 0
+    try:
+        async for index, out in handle.events():
+            if out.error is not None or out.finish_reason == "abort":
+                message = out.error or "the request was aborted (server shutting down)"
+                yield _event(APIError(500, f"generation failed: {message}", type="server_error").body())
+                break
+            tokens += out.token_id is not None
+            yield _event(chunk(index, out))
+        else:
+            if final_usage is not None:
+                yield _event(final_usage(tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.abort()
+
+
+def _chunk_ids(out, on: bool) -> dict:
+    return {"token_ids": [out.token_id] if out.token_id is not None else []} if on else {}
+
+
+async def _chat_stream(handle, meta, n, prompt_tokens, include_usage, token_ids):
+    base = {**meta, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+    for i in range(n):      # OpenAI opens every choice with the assistant role
+        yield _event({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}], **extra})
+
+    def chunk(index, out):
+        delta = {"content": out.text} if out.token_id is not None else {}
+        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": out.finish_reason, **_chunk_ids(out, token_ids)}], **extra}
+
+    usage = (lambda t: {**base, "choices": [], "usage": _usage(prompt_tokens, t)}) if include_usage else None
+    async for line in _stream(handle, chunk, usage):
+        yield line
+
+
+async def _completion_stream(handle, meta, prompt_tokens, include_usage, token_ids):
+    base = {**meta, "object": "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index, out):
+        return {**base, "choices": [{"index": index, "text": out.text, "logprobs": None,
+                                     "finish_reason": out.finish_reason, **_chunk_ids(out, token_ids)}], **extra}
+
+    usage = (lambda t: {**base, "choices": [], "usage": _usage(prompt_tokens, t)}) if include_usage else None
+    async for line in _stream(handle, chunk, usage):
+        yield line
