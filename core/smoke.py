@@ -38,8 +38,11 @@ def _row(name, available, reason, info=None) -> dict:
 
 
 def _kernel_sources(registry, backend) -> dict:
+    """op -> the implementation the backend binds (triton, aiter, reference, ...), or
+    "reference (fallback: why)" where it has no kernel of its own."""
     try:
-        return registry.kernel_table(backend, OpSpec(dtype=torch.float32)).describe()
+        from .conformance import bindings
+        return bindings(registry, backend, torch.float32)
     except Exception as e:
         return {"error": str(e)}
 

@@ -2,6 +2,7 @@
 
 from ...core.backend import BackendSpec
 from ...core.hookspecs import hookimpl
+from . import kernels
 from .backend import make_backend
 from .probe import probe
 
@@ -15,8 +16,21 @@ def ernie_hal_register_backends():
 
 @hookimpl
 def ernie_hal_get_kernel(backend, op, spec):
-    # the pure-torch reference ops run on the device until the Triton kernels are bound
-    if backend.name == "rocm":
-        from ...kernels.reference import OPS
-        return OPS.get(op)
-    return None
+    """This backend's own kernel for op (bound once per device and dtype), or None."""
+    if backend.name != "rocm":
+        return None
+    return kernels.kernel(backend, op, spec)
+
+
+@hookimpl
+def ernie_hal_explain(backend, op, spec):
+    """Why this backend has no kernel of its own for op here (None when it has one)."""
+    if backend.name != "rocm":
+        return None
+    return kernels.explain(backend, op, spec)
+
+
+def emulated_backend(device=None):
+    """A device from this backend's table on CPU tensors, its kernels under the Triton
+    interpreter (core/emulate.py, `ernie-hal conformance --emulate`)."""
+    return kernels.emulated_backend(device)

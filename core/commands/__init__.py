@@ -1,5 +1,5 @@
 """One module per CLI subcommand; each has add_parser(subparsers) and run(args)."""
 
-from . import devices, generate, make_checkpoint
+from . import bench, conformance, devices, generate, make_checkpoint, serve
 
-COMMANDS = [devices, generate, make_checkpoint]
+COMMANDS = [devices, generate, serve, bench, conformance, make_checkpoint]
