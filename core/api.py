@@ -15,6 +15,8 @@ from .engine import Engine
 from .graph import build
 from .kernels import OpSpec
 from .model import ErnieModel, ResidentWeights
+from .placement import DEVICE, HOST, BudgetError, MODES, parse_budget
+from .placement import plan as plan_placement
 from .registry import get_registry
 from .sampling import SamplingParams
 from .weights import Checkpoint
@@ -97,10 +99,11 @@ class Model:
     """A loaded model: `generate` for text, `logits` for parity checks."""
 
     def __init__(self, path, config, backend, dtype, model: ErnieModel, tokenizer, random_weights,
-                 rss_before_load):
+                 rss_before_load, plan=None):
         self.path, self.config, self.backend, self.dtype = path, config, backend, dtype
         self.model, self.tokenizer, self.random_weights = model, tokenizer, random_weights
         self.rss_before_load = rss_before_load
+        self.plan = plan              # placement.Plan: where every weight lives
         self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else ())
 
     @property
@@ -134,10 +137,24 @@ class Model:
         seqs, times = self.engine.generate(ids, params, on_token=on_token)
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes())
+        offload = self.offload_stats()
+        if offload is not None:
+            metrics["offload"] = offload
         out = [Completion(text=self.decode(s.output_ids), token_ids=list(s.output_ids),
                           prompt_token_ids=list(s.prompt_ids), finish_reason=s.finish_reason,
                           metrics=metrics) for s in seqs]
         return out[0] if single else out
+
+    def offload_stats(self) -> dict | None:
+        """Bytes moved, cache hits and where the time went, when weights are staged; else None."""
+        stats = getattr(self.model.weights, "stats", None)
+        return stats() if stats is not None else None
+
+    def close(self) -> None:
+        """Stop the staging thread (offloaded models); the model is unusable afterwards."""
+        close = getattr(self.model.weights, "close", None)
+        if close is not None:
+            close()
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
@@ -161,14 +178,29 @@ class Model:
         return f"<ernie_hal.Model {self.path}{kind} on {self.backend.info.label} {self.dtype}>"
 
 
+OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
+
+
 def load(path_or_preset: str | None = None, device: str = "auto", dtype="auto",
-         allow_fallback: bool = True, progress=None, max_device_memory: int | None = None) -> Model:
+         allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
+         offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
+         expert_stats: dict | None = None) -> Model:
     """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
-    default). `progress(done_bytes, total_bytes)` is called while weights are read."""
+    default). `progress(done_bytes, total_bytes)` is called while weights are read.
+
+    Memory: `max_device_memory` / `max_host_memory` are bytes or strings ("40GiB", "16GB");
+    `offload` is "auto" (stage what does not fit), "none" (fail unless everything fits),
+    "layers" (whole layers resident or streamed) or "experts" (every non-expert weight resident,
+    routed experts through the cache). `expert_cache` "lru" | "lfu"; `prefetch` of the next MoE
+    layer's likely experts (None: when the cache has room for it); `expert_stats` {(layer,
+    expert): uses} picks the resident experts (Model.model.weights.expert_stats() gives one)."""
+    device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
+    host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
+    offload = OFFLOAD_ALIASES.get(offload.lower() if isinstance(offload, str) else offload, offload)
+    if offload not in MODES:
+        raise BudgetError(f"offload={offload!r} is not a mode; choose one of {', '.join(MODES)}")
     rss_before = psutil.Process().memory_info().rss
     backend = pick_device(device)
-    if max_device_memory is not None:
-        backend.set_budget(max_device_memory)
     path, random_weights = resolve_model_path(path_or_preset)
     ckpt = Checkpoint.open(path)
     config = ckpt.config
@@ -176,14 +208,28 @@ def load(path_or_preset: str | None = None, device: str = "auto", dtype="auto",
     graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
     ckpt.validate(graph.expected_tensors())
     kernels = get_registry().kernel_table(backend, OpSpec.for_model(config, dtype, allow_fallback))
-    total, done = graph.total_bytes, [0]
+    plan = plan_placement(graph, backend, device_budget, host_budget, offload, dtype, expert_stats=expert_stats)
+    budgets = device_budget is not None or host_budget is not None
+    if budgets:
+        # on unified memory the host budget caps the device region too (plan.device_budget)
+        backend.set_budget(plan.device_budget if backend.caps.unified_memory else device_budget)
+    if plan.fully_resident and not budgets:
+        total = graph.total_bytes
+    else:
+        total = sum(w.nbytes for w in graph.weights() if plan.tiers[w.name] in (DEVICE, HOST))
+    done = [0]
 
     def tick(n):
         done[0] += n
         if progress is not None:
             progress(done[0], total)
 
-    weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick)
+    if plan.fully_resident and not budgets:
+        weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick)
+    else:
+        from .offload import OffloadedWeights
+        weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
+                                   cache_policy=expert_cache)
     tokenizer = _load_tokenizer(path)
     return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
-                 tokenizer, random_weights, rss_before)
+                 tokenizer, random_weights, rss_before, plan=plan)

@@ -44,6 +44,7 @@ class Capabilities:
     warp_size: int = 1
     max_shared_memory: int = 0
     triton: bool = False          # Triton kernels can be launched on this device
+    unified_memory: bool = False  # device memory is host memory (cpu, APUs): one budget covers both
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,14 @@ class Backend:
         return self._record_event(stream)
 
     def wait_event(self, event, stream=None) -> None:
-        self._wait_event(event, stream)
+        """Make `stream` (None: the compute stream) wait for `event` without blocking the host."""
+        if event is not None:
+            self._wait_event(event, stream)
+
+    def sync_event(self, event) -> None:
+        """Block the calling host thread until `event` has happened (e.g. a pinned buffer's copy)."""
+        if event is not None:
+            self._sync_event(event)
 
     def synchronize(self) -> None:
         self._synchronize()
@@ -184,6 +192,9 @@ class Backend:
 
     def _wait_event(self, event, stream):
         pass
+
+    def _sync_event(self, event):
+        event.synchronize()
 
     def _synchronize(self):
         pass

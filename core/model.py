@@ -1,7 +1,17 @@
 """The executor: walks the ModelGraph calling the KernelTable bound at load.
 
-Checkpoint quirks are handled here at load time (routed experts stacked into [E, I, H]
-tensors, tied head, fp32 router kept fp32), never in forward.
+Weights come from a weight store. `ResidentWeights` holds them all on the device;
+core/offload.py's `OffloadedWeights` stages them from the checkpoint under a memory budget.
+A store answers, once per step and layer (plain method calls, never per token):
+  embedding(ids) -> (table, ids into it)    the first call of a step
+  layer(i)       -> LayerWeights            valid until layer(i + 1) / output()
+  output()       -> (final_norm, head)
+  routed_experts(i, h, weights, ids, moe_experts) -> routed sum; only asked when
+                    LayerWeights.experts is None (the experts are not all on the device)
+  step_done()                               the step's last call
+
+Checkpoint quirks are handled at load time (routed experts stacked into [E, I, H] tensors,
+tied head, fp32 router kept fp32), never in forward.
 """
 
 from __future__ import annotations
@@ -76,10 +86,23 @@ class ResidentWeights:
         if self.progress is not None:
             self.progress(nbytes)
 
+    # ---- the weight-store interface ----------------------------------------------------------
+    def embedding(self, ids):
+        return self.embed, ids
+
+    def layer(self, i: int) -> LayerWeights:
+        return self.layers[i]
+
+    def output(self):
+        return self.final_norm, self.head
+
+    def step_done(self) -> None:
+        pass
+
 
 class ErnieModel:
     def __init__(self, graph: ModelGraph, backend: Backend, kernels: KernelTable,
-                 weights: ResidentWeights, dtype: torch.dtype):
+                 weights, dtype: torch.dtype):
         self.graph, self.config = graph, graph.config
         self.backend, self.kernels, self.weights, self.dtype = backend, kernels, weights, dtype
         c = self.config
@@ -92,9 +115,11 @@ class ErnieModel:
         k, c, W = self.kernels, self.config, self.weights
         T = ids.shape[0]
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        x = k.embedding(ids, W.embed)
+        table, rows = W.embedding(ids)
+        x = k.embedding(rows, table)
         residual = None
-        for i, lw in enumerate(W.layers):
+        for i in range(c.num_hidden_layers):
+            lw = W.layer(i)
             if residual is None:
                 h, residual = k.rms_norm(x, lw.input_norm, eps), x
             else:
@@ -109,9 +134,22 @@ class ErnieModel:
             h, residual = k.add_rms_norm(x, residual, lw.post_norm, eps)
             if lw.mlp is not None:
                 x = k.swiglu_mlp(h, *lw.mlp)
-            else:
+            elif lw.experts is not None:
                 x = k.moe(h, lw.router, lw.bias, *lw.experts, c.moe_k, c.moe_norm_min, shared=lw.shared)
-        h, _ = k.add_rms_norm(x, residual, W.final_norm, eps)
+            else:
+                x = self._staged_moe(i, h, lw)
+        final_norm, head = W.output()
+        h, _ = k.add_rms_norm(x, residual, final_norm, eps)
         if logit_rows is not None:
             h = h.index_select(0, logit_rows)
-        return k.linear(h, W.head).float()
+        logits = k.linear(h, head).float()
+        W.step_done()
+        return logits
+
+    def _staged_moe(self, i: int, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Route first; the store brings only the picked experts to the device. Same ops and
+        order as the `moe` op: routed sum, then the shared experts added with weight 1."""
+        k, c = self.kernels, self.config
+        weights, ids = k.moe_route(h, lw.router, lw.bias, c.moe_k, c.moe_norm_min)
+        out = self.weights.routed_experts(i, h, weights, ids, k.moe_experts)
+        return out if lw.shared is None else out + k.swiglu_mlp(h, *lw.shared)

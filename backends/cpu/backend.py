@@ -13,7 +13,7 @@ from ...core.backend import Backend, Capabilities, DeviceInfo, ProbeResult
 CPU_CAPS = Capabilities(
     dtypes=(torch.float32, torch.bfloat16, torch.float16),
     pinned_host_memory=False, async_copy=False, streams=False, graphs=False,
-    warp_size=1, max_shared_memory=0, triton=False)
+    warp_size=1, max_shared_memory=0, triton=False, unified_memory=True)
 
 
 def cpu_info() -> DeviceInfo:
@@ -29,6 +29,9 @@ def probe() -> ProbeResult:
 
 
 class CpuBackend(Backend):
+    """The device is host memory: `alloc` is accounted against the budget like any device's,
+    pinned buffers are plain memory, copies are synchronous, streams and events are None."""
+
     def __init__(self, budget: int | None = None):
         super().__init__(cpu_info(), CPU_CAPS, budget)
 

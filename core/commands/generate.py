@@ -20,6 +20,17 @@ def add_parser(subparsers) -> None:
     g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     g.add_argument("--no-fallback", action="store_true",
                    help="fail instead of running an op on the reference kernels when the backend lacks it")
+    g.add_argument("--max-device-memory", default=None, metavar="SIZE",
+                   help="device memory the model may use, e.g. 40GiB (on cpu: the budgeted region)")
+    g.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="host memory for pinned copies and staging, e.g. 16GiB (on cpu it caps everything)")
+    g.add_argument("--offload", default="auto", choices=["auto", "none", "layers", "experts"],
+                   help="auto: stage what does not fit; none: fail unless it all fits; layers: whole layers; "
+                        "experts: non-expert weights resident, routed experts through a cache")
+    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
+                   help="eviction policy of the device-side expert cache")
+    g.add_argument("--show-plan", action="store_true",
+                   help="print where every weight lives (device, pinned host, streamed) before generating")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, metrics) as the last line; no streaming")
     g.set_defaults(func=run)
@@ -45,13 +56,17 @@ def run(args) -> int:
     update, close = _progress_bar(sys.stderr.isatty() or not args.json)
     try:
         model = load(args.model, device=args.device, dtype=args.dtype,
-                     allow_fallback=not args.no_fallback, progress=update)
+                     allow_fallback=not args.no_fallback, progress=update,
+                     max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
+                     offload=args.offload, expert_cache=args.expert_cache)
     finally:
         close()
     info = model.backend.info
     note = " — random weights, the text is noise" if model.random_weights else ""
     print(f"model {model.path} on {info.label} ({info.name}), {str(model.dtype).replace('torch.', '')}{note}",
           file=sys.stderr)
+    if args.show_plan and model.plan is not None:
+        print(model.plan.table(), file=sys.stderr)
     prompts = args.prompt
     stream = len(prompts) == 1 and not args.json
     decoder = model.tokenizer.stream_decoder() if stream and model.tokenizer else None
@@ -68,7 +83,8 @@ def run(args) -> int:
     if args.json:
         payload = {"text": out[0].text, "token_ids": out[0].token_ids, "finish_reason": out[0].finish_reason,
                    "metrics": m, "device": info.label, "dtype": str(model.dtype).replace("torch.", ""),
-                   "random_weights": model.random_weights, "kernels": model.kernels}
+                   "random_weights": model.random_weights, "kernels": model.kernels,
+                   "plan": model.plan.as_dict() if model.plan is not None else None}
         if len(out) > 1:
             payload["choices"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
                                   for c in out]
@@ -82,4 +98,18 @@ def run(args) -> int:
     print(f"prefill {m['prefill_tokens']} tokens at {m['prefill_tokens_per_s']:.1f} tokens/s, "
           f"decode {m['decode_tokens']} tokens at {m['decode_tokens_per_s']:.1f} tokens/s, "
           f"peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    if "offload" in m:
+        print(offload_line(m["offload"]), file=sys.stderr)
     return 0
+
+
+def offload_line(o: dict) -> str:
+    """One line: what the staging moved and where the time went."""
+    gib = 2**30
+    line = (f"offload: read {o['disk_read_bytes'] / gib:.2f} GiB from the checkpoint in {o['disk_read_seconds']:.1f} s"
+            f", copied {o['h2d_bytes'] / gib:.2f} GiB to the device; waited {o['stall_seconds']:.1f} s of "
+            f"{o['step_seconds']:.1f} s")
+    cache = o.get("expert_cache")
+    if cache:
+        line += f"; expert cache {cache['hits']} hits / {cache['misses']} misses"
+    return line
