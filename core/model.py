@@ -55,7 +55,7 @@ class ResidentWeights:
         # the router and its bias stay fp32 (ernie45.md 4.2 item 7); everything else in the model dtype
         target = dtype or (torch.float32 if ref.role == "router" else self.dtype)
         out = self.backend.alloc(ref.shape, target)
-        self.ckpt.read(ref.name, out=out)
+        self.ckpt.read(ref.name, out=out, release=True)  # drop the file pages once copied
         self._tick(ref.nbytes)
         return out
 
@@ -63,7 +63,7 @@ class ResidentWeights:
         first = refs[0]
         out = self.backend.alloc((len(refs),) + first.shape, self.dtype)
         for i, ref in enumerate(refs):
-            self.ckpt.read(ref.name, out=out[i])
+            self.ckpt.read(ref.name, out=out[i], release=True)
             self._tick(ref.nbytes)
         return out
 
