@@ -348,6 +348,23 @@ class CudaLikeBackend(Backend):
     def _synchronize(self):
         torch.cuda.synchronize(self.device)
 
+    def _capture_graph(self, fn):
+        # Warm up on a side stream first (lazy cuBLAS/Triton initialisation must not land in
+        # the graph), then capture into one memory pool shared by every captured batch size:
+        # the recipe of PyTorch's CUDA-graphs notes, which holds on ROCm's hipGraph too.
+        device = self.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if getattr(self, "_graph_pool", None) is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = fn()
+        return graph.replay, out
+
     def _device_free(self):
         free, _total = torch.cuda.mem_get_info(self.device)
         # memory torch has cached but not handed out is free to us too

@@ -181,8 +181,10 @@ def main():
     ap.add_argument("--engines", nargs="+", default=["ernie-hal", "transformers"])
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--decode-len", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="measurements per process (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, alternating engines")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/bench_generate_<device>.json)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,30 +199,49 @@ def main():
             subprocess.run([sys.executable, "-m", "ernie_hal", "make-checkpoint", "--preset", "ernie-4.5-0.3b",
                             "--out", args.model, "--overwrite"], check=True)
     limit = spawn(args, "copy").get("memory_copy_gbps", 0.0)
+    # Rounds: every (dtype, engine) once per round, engines alternating, so a noisy neighbour on a
+    # shared machine slows both alike; each row is the median over rounds.
+    runs: dict = {}
+    for rnd in range(args.rounds):
+        for dtype in args.dtypes:
+            for engine in args.engines:
+                r = spawn(args, engine, dtype)
+                runs.setdefault((engine, dtype), []).append(r)
+                if "error" in r:
+                    print(f"{engine} {dtype}: FAILED\n{r['error']}", file=sys.stderr)
+                    continue
+                print(f"round {rnd + 1}  {engine:<13} {dtype:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
+                      f"decode {r['decode_tokens_per_s']:7.2f} tok/s   peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB",
+                      flush=True)
     rows = []
-    for dtype in args.dtypes:
-        for engine in args.engines:
-            r = spawn(args, engine, dtype)
-            r.update(engine=engine, dtype=dtype)
-            if "error" in r:
-                rows.append(r)
-                print(f"{engine} {dtype}: FAILED\n{r['error']}", file=sys.stderr)
-                continue
-            rows.append(r)
-            print(f"{engine:<13} {dtype:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
-                  f"decode {r['decode_tokens_per_s']:7.2f} tok/s   "
-                  f"{r['decode_weight_gbps']:6.2f} GB/s of {limit:.1f} GB/s copy limit   "
-                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+    for (engine, dtype), results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        if not ok:
+            rows.append({"engine": engine, "dtype": dtype, "error": results[-1]["error"]})
+            continue
+        row = {key: statistics.median(r[key] for r in ok) for key in ok[0] if isinstance(ok[0][key], float)}
+        row.update(engine=engine, dtype=dtype, rounds=len(ok), prefill_tokens=ok[0]["prefill_tokens"],
+                   decode_tokens=ok[0]["decode_tokens"], weight_bytes_per_token=ok[0]["weight_bytes_per_token"],
+                   peak_rss_bytes=max(r["peak_rss_bytes"] for r in ok),
+                   rss_before_load_bytes=min(r["rss_before_load_bytes"] for r in ok),
+                   decode_tokens_per_s_each_round=[r["decode_tokens_per_s"] for r in ok])
+        rows.append(row)
+        print(f"{engine:<13} {dtype:<5} prefill {row['prefill_tokens_per_s']:8.1f} tok/s   "
+              f"decode {row['decode_tokens_per_s']:7.2f} tok/s   "
+              f"{row['decode_weight_gbps']:6.2f} GB/s of {limit:.1f} GB/s copy limit   "
+              f"peak RSS {row['peak_rss_bytes'] / 2**30:5.2f} GiB   (median of {len(ok)} rounds)", flush=True)
     result = {"benchmark": "bench_generate", "model": args.model, "device": args.device,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads or "torch default"},
               "memory_copy_gbps": limit, "prefill_len": args.prefill_len, "decode_len": args.decode_len,
+              "rounds": args.rounds, "repeat": args.repeat,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    os.makedirs(RESULTS, exist_ok=True)
-    dest = os.path.join(RESULTS, f"bench_generate_{args.device.split(':')[0]}.json")
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_generate_{args.device.split(':')[0]}.json"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=2)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
     print(f"saved {dest}")
 

@@ -99,12 +99,14 @@ class Model:
     """A loaded model: `generate` for text, `logits` for parity checks."""
 
     def __init__(self, path, config, backend, dtype, model: ErnieModel, tokenizer, random_weights,
-                 rss_before_load, plan=None):
+                 rss_before_load, plan=None, eager: bool = False):
         self.path, self.config, self.backend, self.dtype = path, config, backend, dtype
         self.model, self.tokenizer, self.random_weights = model, tokenizer, random_weights
         self.rss_before_load = rss_before_load
         self.plan = plan              # placement.Plan: where every weight lives
-        self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else ())
+        self.eager = eager            # True: no decode graphs, every step launched op by op
+        self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else (),
+                             graphs=not eager)
 
     @property
     def kernels(self) -> dict:
@@ -136,7 +138,8 @@ class Model:
                                 ignore_eos=ignore_eos)
         seqs, times = self.engine.generate(ids, params, on_token=on_token)
         metrics = times.as_dict()
-        metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes())
+        metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),
+                       decode_graphs=self.engine.decode_graphs)
         offload = self.offload_stats()
         if offload is not None:
             metrics["offload"] = offload
@@ -181,26 +184,31 @@ class Model:
 OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
 
 
-def load(path_or_preset: str | None = None, device: str = "auto", dtype="auto",
+def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtype="auto",
          allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
          offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
-         expert_stats: dict | None = None) -> Model:
+         expert_stats: dict | None = None, eager: bool = False) -> Model:
     """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
-    default). `progress(done_bytes, total_bytes)` is called while weights are read.
+    default). `device` is a request ("auto", "rocm:1", ...) or a Backend object already built
+    (pick_device's answer, or an emulated one). `progress(done_bytes, total_bytes)` is called
+    while weights are read.
 
     Memory: `max_device_memory` / `max_host_memory` are bytes or strings ("40GiB", "16GB");
     `offload` is "auto" (stage what does not fit), "none" (fail unless everything fits),
     "layers" (whole layers resident or streamed) or "experts" (every non-expert weight resident,
     routed experts through the cache). `expert_cache` "lru" | "lfu"; `prefetch` of the next MoE
     layer's likely experts (None: when the cache has room for it); `expert_stats` {(layer,
-    expert): uses} picks the resident experts (Model.model.weights.expert_stats() gives one)."""
+    expert): uses} picks the resident experts (Model.model.weights.expert_stats() gives one).
+
+    Decode steps replay captured device graphs where the backend can capture them and every
+    weight is resident; `eager=True` turns that off (`Model.engine.decode_graphs` says which)."""
     device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
     host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
     offload = OFFLOAD_ALIASES.get(offload.lower() if isinstance(offload, str) else offload, offload)
     if offload not in MODES:
         raise BudgetError(f"offload={offload!r} is not a mode; choose one of {', '.join(MODES)}")
     rss_before = psutil.Process().memory_info().rss
-    backend = pick_device(device)
+    backend = device if isinstance(device, Backend) else pick_device(device)
     path, random_weights = resolve_model_path(path_or_preset)
     ckpt = Checkpoint.open(path)
     config = ckpt.config
@@ -232,4 +240,4 @@ def load(path_or_preset: str | None = None, device: str = "auto", dtype="auto",
                                    cache_policy=expert_cache)
     tokenizer = _load_tokenizer(path)
     return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
-                 tokenizer, random_weights, rss_before, plan=plan)
+                 tokenizer, random_weights, rss_before, plan=plan, eager=eager)

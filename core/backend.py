@@ -149,6 +149,15 @@ class Backend:
     def synchronize(self) -> None:
         self._synchronize()
 
+    def capture_graph(self, fn):
+        """Record the device work of `fn()` (a closure over tensors that keep their addresses)
+        once. Returns (replay, out): `replay()` reruns the recorded work, whose result lands in
+        `out`, the tensor `fn` returned. Only where `caps.graphs`; raises when capture fails
+        (e.g. an op in `fn` waits for the host)."""
+        if not self.caps.graphs:
+            raise NotImplementedError(f"{self.info.label} cannot capture device graphs")
+        return self._capture_graph(fn)
+
     def free_memory(self) -> int:
         """Bytes still available under both the device and the budget."""
         device_free = self._device_free()
@@ -198,6 +207,9 @@ class Backend:
 
     def _synchronize(self):
         pass
+
+    def _capture_graph(self, fn):
+        raise NotImplementedError(f"{type(self).__name__} declares graphs but does not capture them")
 
     def _device_free(self) -> int | None:
         return self.info.memory_free or None

@@ -232,11 +232,11 @@ CASES = (
 
 
 def cases(ops=None, slow: bool = False) -> list:
-    """The cases for `ops` (None: all); "model" names the whole-model rows, not a case."""
-    wanted = set(OPS) if ops is None else set(ops) - {"model"}
+    """The cases for `ops` (None: all); "model" and "decode_graphs" name whole-model rows."""
+    wanted = set(OPS) if ops is None else set(ops) - {"model", "decode_graphs"}
     unknown = wanted - set(OPS)
     if unknown:
-        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}, model, decode_graphs")
     return [c for c in CASES if c.op in wanted and (slow or not c.slow)]
 
 
@@ -377,17 +377,10 @@ PROMPTS = ([3, 17, 101, 5, 250, 9, 77, 12, 400], [8, 2, 511, 64, 33])   # ragged
 DECODE = ([21, 7], [300, 45])                                         # then two decode steps
 
 
-def load_on(registry, backend, path: str, dtype: torch.dtype):
-    """What ernie_hal.load does, for a Backend object (an emulated one included)."""
-    from .graph import build
-    from .model import ErnieModel, ResidentWeights
-    from .weights import Checkpoint
-    ckpt = Checkpoint.open(path)
-    config = ckpt.config
-    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
-    ckpt.validate(graph.expected_tensors())
-    kernels = registry.kernel_table(backend, OpSpec.for_model(config, dtype, allow_fallback=True))
-    return ErnieModel(graph, backend, kernels, ResidentWeights(graph, ckpt, backend, dtype), dtype)
+def load_on(backend, path: str, dtype: torch.dtype):
+    """The model as ernie_hal.load builds it for a Backend object (an emulated one included)."""
+    from .api import load
+    return load(path, device=backend, dtype=dtype).model
 
 
 @torch.inference_mode()
@@ -413,7 +406,7 @@ def model_logits(model) -> torch.Tensor:
 def _oracle_logits(path: str) -> torch.Tensor:
     from .registry import get_registry
     reg = get_registry()
-    return model_logits(load_on(reg, reg.pick("cpu"), path, torch.float32))
+    return model_logits(load_on(reg.pick("cpu"), path, torch.float32))
 
 
 def run_model(registry, backend, preset: str, dtype: torch.dtype, forced: bool = False) -> Result:
@@ -425,7 +418,7 @@ def run_model(registry, backend, preset: str, dtype: torch.dtype, forced: bool =
         return Result(**row, status="skip", max_error=None, reason=why)
     path = random_model_path(preset)
     try:
-        model = load_on(registry, backend, path, dtype)
+        model = load_on(backend, path, dtype)
         got = model_logits(model)
     except Exception as e:
         return Result(**row, status="fail", max_error=None, reason=f"{type(e).__name__}: {e}")
@@ -447,6 +440,37 @@ def _count(values) -> list:
     return sorted(counts.items(), key=lambda kv: -kv[1])
 
 
+GRAPH_PROMPTS = ([3, 17, 101, 5], [8, 2, 511, 64, 33, 9, 12], [40] * 19, [250, 7])
+
+
+def run_decode_graphs(backend, preset: str, dtype: torch.dtype, forced: bool = False) -> Result:
+    """Greedy decoding replayed from captured device graphs gives the eager run's ids (batch 1
+    and 4, the captured sizes themselves, so both runs launch the same kernels on the same
+    shapes). max_error counts differing tokens."""
+    from .api import load
+    from .defaults import random_model_path
+    row = dict(backend=backend.name, device=backend.info.name, op="decode_graphs", dtype=dtype_name(dtype),
+               shape=f"{preset}: greedy, batch 1 and 4, 12 tokens")
+    why = skip_reason(backend, dtype, forced=forced) or (
+        "" if backend.caps.graphs else f"{backend.info.name} cannot capture device graphs")
+    if why:
+        return Result(**row, status="skip", max_error=None, reason=why)
+    path = random_model_path(preset)
+    kw = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+    try:
+        graphed, eager = (load(path, device=backend, dtype=dtype, eager=e) for e in (False, True))
+        got = [c.token_ids for n in (1, 4) for c in graphed.generate([list(p) for p in GRAPH_PROMPTS[:n]], **kw)]
+        want = [c.token_ids for n in (1, 4) for c in eager.generate([list(p) for p in GRAPH_PROMPTS[:n]], **kw)]
+    except Exception as e:
+        return Result(**row, status="fail", max_error=None, reason=f"{type(e).__name__}: {e}")
+    state = graphed.engine.decode_graphs
+    if not state.startswith("on"):
+        return Result(**row, status="fail", max_error=None, reason=f"decode graphs {state}")
+    differ = sum(a != b for g, w in zip(got, want) for a, b in zip(g, w))
+    return Result(**row, status="pass" if differ == 0 else "fail", max_error=float(differ),
+                  reason="" if differ == 0 else f"{differ} greedy tokens differ from the eager run; {state}")
+
+
 # ---- the matrix -------------------------------------------------------------------------------
 def run(registry, backend, ops=None, dtypes=None, slow: bool = False, models: bool = True,
         forced_dtypes: bool = False, progress=None) -> list:
@@ -454,7 +478,7 @@ def run(registry, backend, ops=None, dtypes=None, slow: bool = False, models: bo
     dts = list(dtypes) if dtypes else [d for d in (torch.float32, torch.float16, torch.bfloat16)
                                        if d in backend.caps.dtypes]
     out = []
-    kernel_ops = None if ops is None else [op for op in ops if op != "model"]
+    kernel_ops = None if ops is None else [op for op in ops if op not in ("model", "decode_graphs")]
     for case in cases(kernel_ops, slow) if kernel_ops is None or kernel_ops else []:
         for dt in dts:
             r = run_case(registry, backend, case, dt, forced=forced_dtypes)
@@ -468,13 +492,20 @@ def run(registry, backend, ops=None, dtypes=None, slow: bool = False, models: bo
                 out.append(r)
                 if progress:
                     progress(r)
+    if models and (ops is None or "decode_graphs" in ops):
+        for dt in dts:
+            r = run_decode_graphs(backend, "tiny-moe", dt, forced=forced_dtypes)
+            out.append(r)
+            if progress:
+                progress(r)
     return out
 
 
 def absent(name: str, reason: str, ops=None, dtypes=None) -> list:
     """One skip row per op for a backend that is not here, with its probe reason."""
     dts = [dtype_name(d) for d in dtypes] if dtypes else ["all"]
-    rows = [op for op in OPS if ops is None or op in ops] + (["model"] if ops is None or "model" in ops else [])
+    rows = [op for op in OPS if ops is None or op in ops] + [
+        op for op in ("model", "decode_graphs") if ops is None or op in ops]
     return [Result(name, "-", op, dt, "all", "skip", None, reason) for op in rows for dt in dts]
 
 

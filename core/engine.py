@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_graphs import DecodeGraphs, graphs_unavailable
 from .kvcache import KVCache
 from .model import ErnieModel
 from .sampling import SamplingParams, make_generator, sample
@@ -65,7 +66,9 @@ class StepTimes:
 
 class Engine:
     def __init__(self, model: ErnieModel, stop_token_ids=(), max_model_len: int | None = None,
-                 block_size: int = 16):
+                 block_size: int = 16, graphs: bool = True, graph_max_batch: int = 64):
+        """`graphs`: replay decode steps from captured device graphs where the backend and the
+        weight store allow it (core/decode_graphs.py); False keeps every step eager."""
         self.model = model
         self.config = model.config
         self.stop_token_ids = tuple(stop_token_ids) or (self.config.eos_token_id,)
@@ -74,18 +77,28 @@ class Engine:
         self.block_size = block_size
         self.kv: KVCache | None = None
         self._ids = itertools.count()
+        why_not = "turned off (eager)" if not graphs else graphs_unavailable(model.backend, model.weights)
+        self.graphs = None if why_not else DecodeGraphs(model, graph_max_batch, self.max_model_len, block_size)
+        self.graphs_off_reason = why_not
+
+    @property
+    def decode_graphs(self) -> str:
+        """How decode runs: "on (...)" or "off: <reason>"."""
+        return self.graphs.describe() if self.graphs is not None else f"off: {self.graphs_off_reason}"
 
     # ---- KV cache ---------------------------------------------------------------------------
     def ensure_kv(self, num_blocks: int) -> KVCache:
-        """A cache with at least `num_blocks` free blocks (reallocated when too small and idle)."""
+        """A cache with at least `num_blocks` free blocks (reallocated when too small and idle).
+        With decode graphs, one more block is the scratch block of padded batch rows."""
         if self.kv is None or self.kv.num_free_blocks < num_blocks:
             if self.kv is not None:
-                self.model.backend.release(self._kv_bytes)
+                self.model.backend.release(self.kv.nbytes)
             c, b = self.config, self.model.backend
-            self.kv = KVCache(c.num_hidden_layers, num_blocks, self.block_size, c.num_key_value_heads,
+            extra = 1 if self.graphs is not None else 0
+            self.kv = KVCache(c.num_hidden_layers, num_blocks + extra, self.block_size, c.num_key_value_heads,
                               c.head_dim, self.model.dtype, b.device, alloc=b.alloc)
-            self._kv_bytes = (2 * c.num_hidden_layers * num_blocks * self.block_size *
-                              c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize)
+            if self.graphs is not None:
+                self.graphs.bind(self.kv)
         return self.kv
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -132,9 +145,12 @@ class Engine:
         meta = kv.prepare([s.seq_id for s in taken], counts)
         ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long) - 1
         ready = [i for i, (s, n) in enumerate(zip(taken, counts)) if s.num_pending == n]
-        rows = ends[ready].to(self.model.backend.device)
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.model.backend.device),
-                                    meta, kv, rows) if ready else None
+        ids = torch.tensor(ids, dtype=torch.long, device=self.model.backend.device)
+        logits = None
+        if self.graphs is not None and len(ready) == len(taken) == len(ids):   # a pure decode step
+            logits = self.graphs.run(ids, meta, kv)
+        if logits is None and ready:
+            logits = self.model.forward(ids, meta, kv, ends[ready].to(self.model.backend.device))
         out = []
         for s, n in zip(taken, counts):
             s.num_computed += n

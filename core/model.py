@@ -43,6 +43,8 @@ class LayerWeights:
 class ResidentWeights:
     """Every weight resident on the backend's device, read from the checkpoint once."""
 
+    fully_resident = True     # no host work per step: decode can be captured as a device graph
+
     def __init__(self, graph: ModelGraph, checkpoint, backend: Backend, dtype: torch.dtype, progress=None):
         self.graph, self.ckpt, self.backend, self.dtype = graph, checkpoint, backend, dtype
         self.progress = progress

@@ -118,7 +118,8 @@ def build_server(model, served_model_name: str | None = None, *, max_num_seqs: i
                  kv_cache_fraction: float = 0.5, block_size: int = 16, api_key: str | None = None) -> Server:
     """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model."""
     stops = model.tokenizer.stop_token_ids if model.tokenizer else ()
-    engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size)
+    engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size,
+                    graphs=not getattr(model, "eager", False), graph_max_batch=max_num_seqs)
     size_kv_cache(engine, max_num_seqs, num_blocks=num_kv_blocks, memory=kv_cache_memory,
                   fraction=kv_cache_fraction)
     metrics = ServerMetrics()

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help="fp32 fp16 bf16 (default: what the device supports; under the interpreter bf16 "
                         "Triton kernels are skipped unless named here)")
-    p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops (and 'model'): {', '.join(OPS)}")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops (and 'model', 'decode_graphs'): {', '.join(OPS)}")
     p.add_argument("--slow", action="store_true", help="add the production-size shapes")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
     p.add_argument("--json", metavar="FILE", help="write {\"results\": [...]} to FILE ('-': stdout)")
@@ -151,7 +151,7 @@ def _table(title: str, rows: list, is_absent: bool) -> str:
     impls: dict = {}
     for r in rows:
         grid.setdefault((r.op, r.shape), {})[r.dtype] = r
-        if r.impl and r.op != "model":
+        if r.impl and r.op not in ("model", "decode_graphs"):
             impls.setdefault(r.op, r.impl)
     notes: dict = {}
     width = max([len(s) for _, s in grid] + [5])

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
                         "experts: non-expert weights resident, routed experts through a cache")
     g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
                    help="eviction policy of the device-side expert cache")
+    g.add_argument("--eager", action="store_true",
+                   help="launch every decode step op by op instead of replaying captured device graphs")
     g.add_argument("--show-plan", action="store_true",
                    help="print where every weight lives (device, pinned host, streamed) before generating")
     g.add_argument("--json", action="store_true",
@@ -58,7 +60,7 @@ def run(args) -> int:
         model = load(args.model, device=args.device, dtype=args.dtype,
                      allow_fallback=not args.no_fallback, progress=update,
                      max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
-                     offload=args.offload, expert_cache=args.expert_cache)
+                     offload=args.offload, expert_cache=args.expert_cache, eager=args.eager)
     finally:
         close()
     info = model.backend.info

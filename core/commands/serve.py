@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
                    help="stream weights that do not fit the budgets (needs a build with offload support)")
     s.add_argument("--no-fallback", action="store_true",
                    help="fail instead of running an op on the reference kernels when the backend lacks it")
+    s.add_argument("--eager", action="store_true",
+                   help="launch every decode step op by op instead of replaying captured device graphs")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -76,7 +78,7 @@ def run(args) -> int:
     from ..defaults import DEFAULT_PRESET
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = load(args.model, device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
-                 **load_kwargs(args, load))
+                 eager=args.eager, **load_kwargs(args, load))
     server = build_server(
         model, args.served_model_name or args.model or DEFAULT_PRESET, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

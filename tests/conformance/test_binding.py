@@ -111,7 +111,7 @@ def test_cli_absent_backend_is_a_skip_with_its_probe_reason(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
     assert rows and all(r["status"] == "skip" and r["reason"] == probe.reason for r in rows)
-    assert {r["op"] for r in rows} == set(OPS) | {"model"}
+    assert {r["op"] for r in rows} == set(OPS) | {"model", "decode_graphs"}
     assert probe.reason in proc.stdout
 
 

@@ -141,6 +141,14 @@ def test_model(target, preset, dtype):
     check(conf.run_model(REG, backend, preset, dtype))
 
 
+@pytest.mark.parametrize("target,dtype", [pytest.param(t, dt, id=f"{t.id}-{conf.dtype_name(dt)}")
+                                          for t in TARGETS if t.device is None for dt in DTYPES])
+def test_decode_graphs_equal_eager(target, dtype):
+    """Where a backend captures device graphs (cuda, rocm), replayed decode gives eager's ids."""
+    backend = backend_for(target)
+    check(conf.run_decode_graphs(backend, "tiny-moe", dtype))
+
+
 @pytest.mark.parametrize("target", [pytest.param(t, id=t.id, marks=_marks(t)) for t in TARGETS if t.device],)
 def test_emulated_in_child_process(target, cli, tmp_path):
     """Where this process cannot interpret (a GPU is here, or triton was imported first), the

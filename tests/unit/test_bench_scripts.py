@@ -1,5 +1,5 @@
-"""benchmarks/bench_ops.py and bench_e2e.py run end to end (tiny sizes, CPU) and write their JSON;
-the numbers mean something only on a GPU."""
+"""The benchmark scripts run end to end at tiny sizes on the CPU and write their JSON (the
+numbers themselves come from the full-size runs recorded in benchmarks/results/)."""
 
 import json
 import subprocess
@@ -36,3 +36,19 @@ def test_bench_e2e_against_transformers_on_cpu(tmp_path):
     assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ("ernie-hal", "transformers") for b in (1, 2)}
     for r in rows:
         assert r["decode_tpot_ms"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_weight_gbps"] > 0
+
+
+def test_bench_generate_rounds_against_transformers(tmp_path):
+    ckpt, out = tmp_path / "tiny", tmp_path / "gen.json"
+    made = subprocess.run([sys.executable, "-m", "ernie_hal", "make-checkpoint", "--preset", "tiny", "--out", ckpt],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    proc = run("bench_generate.py", "--model", ckpt, "--dtypes", "fp32", "--prefill-len", 8, "--decode-len", 4,
+               "--repeat", 1, "--rounds", 2, "--output", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["rounds"] == 2 and data["memory_copy_gbps"] > 0
+    assert {r["engine"] for r in data["rows"]} == {"ernie-hal", "transformers"}
+    for r in data["rows"]:
+        assert r["rounds"] == 2 and len(r["decode_tokens_per_s_each_round"]) == 2
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
