@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 
 from ..sizes import parse_size
-
-OFF_WORDS = ("0", "false", "no", "off", "none")
 
 
 def add_parser(subparsers) -> None:
@@ -35,37 +32,21 @@ def add_parser(subparsers) -> None:
     s.add_argument("--kv-cache-fraction", type=float, default=0.5,
                    help="cap of the default KV-cache size, as a fraction of free device memory (default 0.5)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    s.add_argument("--max-device-memory", default=None, help="device memory budget for the weights (e.g. 40GiB)")
-    s.add_argument("--max-host-memory", default=None, help="host memory budget for staged weights (e.g. 64GiB)")
-    s.add_argument("--offload", nargs="?", const="on", default=None,
-                   help="stream weights that do not fit the budgets (needs a build with offload support)")
+    s.add_argument("--max-device-memory", default=None, metavar="SIZE",
+                   help="device memory the weights may use, e.g. 40GiB (on cpu: the budgeted region)")
+    s.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="host memory for pinned copies and staging, e.g. 16GiB (on cpu it caps everything)")
+    s.add_argument("--offload", default="auto", choices=["auto", "none", "layers", "experts"],
+                   help="auto: stage what does not fit; none: fail unless it all fits; layers: whole layers; "
+                        "experts: non-expert weights resident, routed experts through a cache")
+    s.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
+                   help="eviction policy of the device-side expert cache")
     s.add_argument("--no-fallback", action="store_true",
                    help="fail instead of running an op on the reference kernels when the backend lacks it")
     s.add_argument("--eager", action="store_true",
                    help="launch every decode step op by op instead of replaying captured device graphs")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
-
-
-def load_kwargs(args, load) -> dict:
-    """The offload budgets, passed only when this build's load() takes them."""
-    params = inspect.signature(load).parameters
-    out = {}
-    for name in ("max_device_memory", "max_host_memory"):
-        value = getattr(args, name)
-        if value is not None:
-            if name not in params:
-                raise ValueError(f"--{name.replace('_', '-')} is not supported by this build of ernie-hal")
-            out[name] = parse_size(value)
-    if args.offload is not None:
-        if "offload" not in params:
-            raise ValueError("--offload is not supported by this build of ernie-hal")
-        # a bool parameter gets on/off; any other kind gets the word as given (e.g. a mode name)
-        if isinstance(params["offload"].default, bool):
-            out["offload"] = str(args.offload).lower() not in OFF_WORDS
-        else:
-            out["offload"] = args.offload
-    return out
 
 
 def run(args) -> int:
@@ -78,7 +59,8 @@ def run(args) -> int:
     from ..defaults import DEFAULT_PRESET
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = load(args.model, device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
-                 eager=args.eager, **load_kwargs(args, load))
+                 eager=args.eager, max_device_memory=args.max_device_memory,
+                 max_host_memory=args.max_host_memory, offload=args.offload, expert_cache=args.expert_cache)
     server = build_server(
         model, args.served_model_name or args.model or DEFAULT_PRESET, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

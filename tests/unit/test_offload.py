@@ -266,3 +266,11 @@ def test_cli_bad_budgets_fail_early(cli, ckpt_dir):
     none = cli(["generate", "x", "--model", ckpt_dir, "--device", "cpu", "--max-host-memory", "12MiB",
                 "--offload", "none"])
     assert none.returncode == 2 and "offload='none' needs" in none.stderr
+
+
+def test_serve_takes_the_same_budgets(cli, ckpt_dir):
+    """`serve` checks its budgets before it binds a port, with generate's messages."""
+    bad = cli(["serve", "--model", ckpt_dir, "--device", "cpu", "--port", "0", "--max-host-memory", "12 parsecs"])
+    assert bad.returncode == 2 and "bad size" in bad.stderr and "--max-host-memory" in bad.stderr
+    small = cli(["serve", "--model", ckpt_dir, "--device", "cpu", "--port", "0", "--max-host-memory", "2MiB"])
+    assert small.returncode == 2 and "smaller than one step's working set" in small.stderr
