@@ -43,7 +43,6 @@ def run_ernie_hal(args) -> dict:
     import ernie_hal
     rss0 = peak_rss()
     model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype)
-    eng = model.engine
     prompt = torch.randint(3, model.config.vocab_size, (args.prefill_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     short = prompt[:16]
@@ -238,11 +237,8 @@ def main():
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_generate_{args.device.split(':')[0]}.json"))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    from ernie_hal.core.atomic import write_json   # after the children: the parent stays light
+    write_json(dest, result)
     print(f"saved {dest}")
 
 

@@ -311,11 +311,8 @@ def write(a, rows) -> None:
            "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
                        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
            "prompt_tokens": a.prompt, "new_tokens": a.new, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(a.out), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, a.out)
+    from ernie_hal.core.atomic import write_json   # here, not at the top: the parent stays light
+    write_json(a.out, doc)
 
 
 if __name__ == "__main__":

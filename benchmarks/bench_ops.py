@@ -15,13 +15,11 @@ Writes benchmarks/results/bench_ops_<backend>.json (temp file, then rename).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,16 +118,8 @@ def run(args) -> dict:
 
 
 def save(data: dict, path: str) -> str:
-    """Write JSON atomically: a temp file in the same folder, then rename."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)   # mkstemp makes it 0600
-    os.replace(tmp, path)
-    return path
+    from ernie_hal.core.atomic import write_json
+    return write_json(path, data)
 
 
 def main(argv=None) -> int:

@@ -322,7 +322,7 @@ class OffloadedWeights:
     def __init__(self, graph: ModelGraph, ckpt: Checkpoint, backend: Backend, dtype: torch.dtype, plan: Plan,
                  progress=None, prefetch: bool | None = None, cache_policy: str = "lru"):
         self.graph, self.ckpt, self.backend, self.dtype, self.plan = graph, ckpt, backend, dtype, plan
-        self.config = c = graph.config
+        self.config = graph.config
         self.progress = progress
         self._policy, self._prefetch, self._probes = cache_policy, prefetch, 0
         self.reader = FileReader(ckpt)

@@ -16,18 +16,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import random
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 import httpx
+
+from ..core.atomic import write_json
 
 
 @dataclass
@@ -218,18 +218,7 @@ def format_report(m: dict) -> str:
 
 
 def save_json(path: str, obj) -> None:
-    """Write next to `path`, then rename: a reader never sees half a file."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_json(path, obj)
 
 
 def served_model(base_url: str, api_key: str | None) -> dict:

@@ -12,7 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+
+from ..atomic import write_json
 
 CHILD_ENV = "ERNIE_HAL_CONFORMANCE_CHILD"
 
@@ -166,18 +167,7 @@ def _table(title: str, rows: list, is_absent: bool) -> str:
 
 
 def _write_json(path: str, data: dict) -> None:
-    text = json.dumps(data, indent=2)
     if path == "-":
-        print(text)
+        print(json.dumps(data, indent=2))
         return
-    path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".conformance-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)   # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json(path, data)

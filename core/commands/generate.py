@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+from .load_flags import add_load_flags, load_kwargs
+
+
 def add_parser(subparsers) -> None:
     g = subparsers.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", nargs="+", help="one or more prompts (several run as one batch)")
@@ -18,19 +21,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
-    g.add_argument("--no-fallback", action="store_true",
-                   help="fail instead of running an op on the reference kernels when the backend lacks it")
-    g.add_argument("--max-device-memory", default=None, metavar="SIZE",
-                   help="device memory the model may use, e.g. 40GiB (on cpu: the budgeted region)")
-    g.add_argument("--max-host-memory", default=None, metavar="SIZE",
-                   help="host memory for pinned copies and staging, e.g. 16GiB (on cpu it caps everything)")
-    g.add_argument("--offload", default="auto", choices=["auto", "none", "layers", "experts"],
-                   help="auto: stage what does not fit; none: fail unless it all fits; layers: whole layers; "
-                        "experts: non-expert weights resident, routed experts through a cache")
-    g.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
-                   help="eviction policy of the device-side expert cache")
-    g.add_argument("--eager", action="store_true",
-                   help="launch every decode step op by op instead of replaying captured device graphs")
+    add_load_flags(g)
     g.add_argument("--show-plan", action="store_true",
                    help="print where every weight lives (device, pinned host, streamed) before generating")
     g.add_argument("--json", action="store_true",
@@ -57,10 +48,7 @@ def run(args) -> int:
     from ..api import load
     update, close = _progress_bar(sys.stderr.isatty() or not args.json)
     try:
-        model = load(args.model, device=args.device, dtype=args.dtype,
-                     allow_fallback=not args.no_fallback, progress=update,
-                     max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
-                     offload=args.offload, expert_cache=args.expert_cache, eager=args.eager)
+        model = load(args.model, progress=update, **load_kwargs(args))
     finally:
         close()
     info = model.backend.info

@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..sizes import parse_size
+from .load_flags import add_load_flags, load_kwargs
 
 
 def add_parser(subparsers) -> None:
@@ -32,19 +33,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("--kv-cache-fraction", type=float, default=0.5,
                    help="cap of the default KV-cache size, as a fraction of free device memory (default 0.5)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    s.add_argument("--max-device-memory", default=None, metavar="SIZE",
-                   help="device memory the weights may use, e.g. 40GiB (on cpu: the budgeted region)")
-    s.add_argument("--max-host-memory", default=None, metavar="SIZE",
-                   help="host memory for pinned copies and staging, e.g. 16GiB (on cpu it caps everything)")
-    s.add_argument("--offload", default="auto", choices=["auto", "none", "layers", "experts"],
-                   help="auto: stage what does not fit; none: fail unless it all fits; layers: whole layers; "
-                        "experts: non-expert weights resident, routed experts through a cache")
-    s.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
-                   help="eviction policy of the device-side expert cache")
-    s.add_argument("--no-fallback", action="store_true",
-                   help="fail instead of running an op on the reference kernels when the backend lacks it")
-    s.add_argument("--eager", action="store_true",
-                   help="launch every decode step op by op instead of replaying captured device graphs")
+    add_load_flags(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -58,9 +47,7 @@ def run(args) -> int:
     from ..api import load
     from ..defaults import DEFAULT_PRESET
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model = load(args.model, device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
-                 eager=args.eager, max_device_memory=args.max_device_memory,
-                 max_host_memory=args.max_host_memory, offload=args.offload, expert_cache=args.expert_cache)
+    model = load(args.model, **load_kwargs(args))
     server = build_server(
         model, args.served_model_name or args.model or DEFAULT_PRESET, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

@@ -2,7 +2,6 @@
 equals one-by-one, chunked prefill equals one prefill, seeds, stop conditions, limits."""
 
 import pytest
-import torch
 
 import ernie_hal
 from ernie_hal.core.engine import GenerationError

@@ -22,7 +22,7 @@ from ernie_hal.core.offload import OffloadedWeights
 from ernie_hal.core.placement import plan
 from ernie_hal.core.weights import Checkpoint
 from ernie_hal.kernels.reference import OPS
-from ernie_hal.kernels.reference.moe import moe_experts, moe_route
+from ernie_hal.kernels.reference.moe import moe_experts
 
 from .test_placement import DiscreteFake
 

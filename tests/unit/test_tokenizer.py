@@ -3,7 +3,6 @@ tokenizer, chat templates, streaming decode, stop tokens, errors."""
 
 import io
 import json
-import shutil
 
 import pytest
 

@@ -1,0 +1,23 @@
+"""The loading flags `generate` and `serve` share, and the load() keywords they become."""
+
+
+def add_load_flags(p) -> None:
+    p.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of running an op on the reference kernels when the backend lacks it")
+    p.add_argument("--max-device-memory", default=None, metavar="SIZE",
+                   help="device memory the model may use, e.g. 40GiB (on cpu: the budgeted region)")
+    p.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="host memory for pinned copies and staging, e.g. 16GiB (on cpu it caps everything)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "layers", "experts"],
+                   help="auto: stage what does not fit; none: fail unless it all fits; layers: whole layers; "
+                        "experts: non-expert weights resident, routed experts through a cache")
+    p.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
+                   help="eviction policy of the device-side expert cache")
+    p.add_argument("--eager", action="store_true",
+                   help="launch every decode step op by op instead of replaying captured device graphs")
+
+
+def load_kwargs(args) -> dict:
+    return dict(device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
+                max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
+                offload=args.offload, expert_cache=args.expert_cache, eager=args.eager)
