@@ -1,8 +1,9 @@
 """Decode steps replayed from captured device graphs (CUDA graphs; hipGraphs on ROCm).
 
 A decode step of a small batch launches several hundred short kernels; on a GPU their launch
-cost, not memory bandwidth, then bounds time per token. Capturing the whole forward once per
-padded batch size and replaying it removes that cost, as vLLM and SGLang do.
+cost, not memory bandwidth, then bounds time per token. Capturing the forward once per padded
+batch size and replaying it removes that cost, as vLLM and SGLang do. The graph ends at the
+final norm; the head GEMM runs after the replay on the real rows only.
 
 What a replay sees must live at fixed addresses, so every step's inputs are copied into static
 buffers: token ids, positions, KV slots, block tables (full width for the engine's longest
@@ -47,7 +48,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.kv: KVCache | None = None
         self.disabled: str | None = None                   # why graphs are off, once they are
-        self.graphs: dict = {}                             # padded size -> (replay, logits)
+        self.graphs: dict = {}                             # padded size -> (replay, hidden)
         self.replays = 0
 
     # ---- binding -----------------------------------------------------------------------------
@@ -101,10 +102,12 @@ class DecodeGraphs:
         self.block_tables[:B, w:].zero_()     # beyond a row's context: masked, but kept in range
         self.context_lens[:B].copy_(meta.context_lens)
         self._pad_rows(B)
-        replay, logits = entry
+        replay, hidden = entry
         replay()
         self.replays += 1
-        return logits[:B]
+        # the head GEMM runs outside the graph on the real rows only: a captured [size, vocab]
+        # output per batch size would pin ~0.4 MB per row of every size in the graph pool
+        return self.model.project(hidden[:B], self.head)
 
     def _capture(self, size: int):
         self._pad_rows(0)     # capture and its warm-up write only into the scratch block
@@ -113,8 +116,9 @@ class DecodeGraphs:
                                  query_start_loc=self.query_start_loc[:size + 1],
                                  positions=self.positions[:size])
         ids, kv, model = self.ids[:size], self.kv, self.model
+        self.head = model.weights.output()[1]        # resident: the same tensor every step
         try:
-            entry = self.backend.capture_graph(lambda: model.forward(ids, meta, kv))
+            entry = self.backend.capture_graph(lambda: model.hidden_states(ids, meta, kv)[0])
         except Exception as e:  # noqa: BLE001 - any failure means: stay eager, say why
             self.disabled = f"capture failed at batch {size}: {type(e).__name__}: {e}"
             log.warning("decode graphs off: %s", self.disabled)

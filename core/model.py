@@ -114,6 +114,15 @@ class ErnieModel:
     def forward(self, ids: torch.Tensor, meta, kv, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """ids [T] (ragged batch concatenated); meta: kvcache.AttentionMetadata for this step;
         kv: KVCache. Returns float32 logits for `logit_rows` (all rows when None)."""
+        h, head = self.hidden_states(ids, meta, kv)
+        if logit_rows is not None:
+            h = h.index_select(0, logit_rows)
+        return self.project(h, head)
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, meta, kv) -> tuple:
+        """The final-normed hidden states [T, H] and the head weight, without the head GEMM:
+        decode graphs capture this part (a small output) and project only the rows they need."""
         k, c, W = self.kernels, self.config, self.weights
         T = ids.shape[0]
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
@@ -142,10 +151,13 @@ class ErnieModel:
                 x = self._staged_moe(i, h, lw)
         final_norm, head = W.output()
         h, _ = k.add_rms_norm(x, residual, final_norm, eps)
-        if logit_rows is not None:
-            h = h.index_select(0, logit_rows)
-        logits = k.linear(h, head).float()
-        W.step_done()
+        return h, head
+
+    @torch.inference_mode()
+    def project(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden rows `h`; ends the step for the weight store."""
+        logits = self.kernels.linear(h, head).float()
+        self.weights.step_done()
         return logits
 
     def _staged_moe(self, i: int, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:

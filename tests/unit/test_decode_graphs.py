@@ -143,3 +143,23 @@ def test_graphs_off_where_they_cannot_apply(tmp_path):
     staged = _load("tiny-moe", ReplayingCpu(), max_host_memory="24MiB", offload="experts")
     assert staged.engine.decode_graphs == "off: weights are staged from the checkpoint per step (offload)"
     staged.close()
+
+
+def test_triton_kernels_under_replay_equal_eager():
+    """The cuda backend's Triton kernels (emulated under the interpreter) on the static, padded
+    inputs of a replay: full-width block tables, scratch-block rows, and the same ids as eager."""
+    from ernie_hal.core.emulate import emulate, interpreter_problem
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    graphed_backend = emulate("cuda", "H100")
+    graphed_backend.caps = dataclasses.replace(graphed_backend.caps, graphs=True)
+    graphed_backend._capture_graph = ReplayingCpu._capture_graph.__get__(graphed_backend)
+    graphed_backend.fail = None
+    graphed_backend.captures = 0
+    graphed = _load("tiny-moe", graphed_backend)
+    eager = _load("tiny-moe", emulate("cuda", "H100"))
+    assert graphed.kernels["gqa_attention"] == "triton" and graphed.kernels["moe"] == "triton"
+    kw = dict(max_new_tokens=4, temperature=0, ignore_eos=True)
+    got = graphed.generate(PROMPTS[:3], **kw)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(PROMPTS[:3], **kw)]
+    assert graphed.engine.graphs.replays == 3 and 4 in graphed.engine.graphs.graphs
