@@ -3,6 +3,8 @@ checked against the reference on the CPU (like `python -m tinygrad.device`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .kernels import OpSpec
@@ -22,6 +24,7 @@ def describe_all(registry, smoke_test: bool = True) -> list:
                 rows.append(_row(spec.name, False, f"cannot open {spec.name}:{i}: {type(e).__name__}: {e}"))
                 continue
             row = _row(spec.name, True, "", backend.info)
+            row["capabilities"] = capabilities(backend.caps)
             if smoke_test:
                 row["smoke_test"], row["smoke_detail"] = smoke(registry, backend)
                 row["kernels"] = _kernel_sources(registry, backend)
@@ -29,12 +32,19 @@ def describe_all(registry, smoke_test: bool = True) -> list:
     return rows
 
 
+def capabilities(caps) -> dict:
+    """Capabilities as JSON: dtypes by name, the rest as they are."""
+    out = dataclasses.asdict(caps)
+    out["dtypes"] = [str(d).replace("torch.", "") for d in caps.dtypes]
+    return out
+
+
 def _row(name, available, reason, info=None) -> dict:
     return {"backend": name, "available": available, "reason": reason,
             "device": info.label if info else None, "name": info.name if info else None,
             "arch": info.arch if info else None, "memory_bytes": info.memory_total if info else None,
             "bandwidth_gbps": info.bandwidth_gbps if info else None,
-            "smoke_test": None, "smoke_detail": "", "kernels": {}}
+            "smoke_test": None, "smoke_detail": "", "kernels": {}, "capabilities": {}}
 
 
 def _kernel_sources(registry, backend) -> dict:

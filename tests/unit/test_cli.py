@@ -12,6 +12,8 @@ def test_devices_json_lists_every_builtin_with_reason_or_smoke_test(cli):
         assert {"backend", "available", "reason", "device", "arch", "memory_bytes"} <= set(r)
         assert r["available"] or r["reason"]
     assert rows["cpu"]["smoke_test"] == "PASS" and rows["cpu"]["memory_bytes"] > 0
+    caps = rows["cpu"]["capabilities"]
+    assert caps["graphs"] is False and caps["unified_memory"] is True and "bfloat16" in caps["dtypes"]
 
 
 def test_devices_table(cli):
