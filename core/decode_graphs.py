@@ -126,6 +126,16 @@ class DecodeGraphs:
         self.graphs[size] = entry
         return entry
 
+    def capture_all(self) -> int:
+        """Capture every size now (a server does this at start, as vLLM does, so no request
+        waits for a capture). Returns how many graphs exist; stops at the first failure."""
+        for size in self.sizes:
+            if self.disabled:
+                break
+            if size not in self.graphs:
+                self._capture(size)
+        return len(self.graphs)
+
     def describe(self) -> str:
         if self.disabled:
             return f"off: {self.disabled}"

@@ -122,6 +122,10 @@ def build_server(model, served_model_name: str | None = None, *, max_num_seqs: i
                     graphs=not getattr(model, "eager", False), graph_max_batch=max_num_seqs)
     size_kv_cache(engine, max_num_seqs, num_blocks=num_kv_blocks, memory=kv_cache_memory,
                   fraction=kv_cache_fraction)
+    if engine.graphs is not None:   # capture before serving, so no request waits for a capture
+        t0 = time.perf_counter()
+        n = engine.graphs.capture_all()
+        log.info("decode graphs: %d captured in %.1f s; %s", n, time.perf_counter() - t0, engine.decode_graphs)
     metrics = ServerMetrics()
     scheduler = Scheduler(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           observer=metrics)

@@ -163,3 +163,22 @@ def test_triton_kernels_under_replay_equal_eager():
     got = graphed.generate(PROMPTS[:3], **kw)
     assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(PROMPTS[:3], **kw)]
     assert graphed.engine.graphs.replays == 3 and 4 in graphed.engine.graphs.graphs
+
+
+def test_server_captures_every_size_before_serving_and_serves_the_same_tokens():
+    from ernie_hal.core.scheduler import Request
+    from ernie_hal.serve import build_server
+    model, eager = _load("tiny-moe", ReplayingCpu()), _load("tiny-moe", "cpu")
+    server = build_server(model, max_num_seqs=5, num_kv_blocks=64)
+    engine = server.engine.engine
+    assert sorted(engine.graphs.graphs) == [1, 2, 4, 8] and engine.graphs.replays == 0
+    scheduler = server.engine.scheduler
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    seqs = [engine.new_sequence(p, params) for p in PROMPTS]
+    for i, s in enumerate(seqs):
+        scheduler.add(Request(f"r{i}", [s]))
+    while scheduler.has_work():
+        scheduler.step()
+    want = eager.generate(PROMPTS, max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert [s.output_ids for s in seqs] == [c.token_ids for c in want]
+    assert engine.graphs.replays > 0
