@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 
@@ -201,6 +202,10 @@ class Stager:
                          for i in range(max(1, threads))]
         for t in self._threads:
             t.start()
+        # Stop the readers before the interpreter tears down: a daemon thread frozen inside a
+        # torch copy (a prefetch still running when the program ends) aborts the process with
+        # "terminate called without an active exception". finalize also runs at exit.
+        self._stop = weakref.finalize(self, _stop_threads, self._queue, self._threads)
 
     # ---- moving one tensor (any thread) ----------------------------------------------------
     def copy(self, src, dst: torch.Tensor) -> None:
@@ -270,10 +275,16 @@ class Stager:
                     ticket.finish(self.backend.record_event(self.stream) if self.stream is not None else None)
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put((-1, -1, None, None, None))
-        for t in self._threads:
-            t.join(timeout=60)
+        self._stop()
+
+
+def _stop_threads(work: queue.PriorityQueue, threads: list) -> None:
+    """Queue one stop marker per thread ahead of any waiting work, then wait for the work in
+    flight to finish."""
+    for i, _ in enumerate(threads):
+        work.put((-1, i, None, None, None))
+    for t in threads:
+        t.join(timeout=60)
 
 
 @dataclass
