@@ -80,8 +80,9 @@ def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list:
 
 
 def run_ernie_hal(args) -> dict:
+    """Engine "ernie-hal" replays decode graphs where the backend can; "ernie-hal-eager" does not."""
     import ernie_hal
-    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype)
+    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, eager=args.engine.endswith("-eager"))
     vocab = model.config.vocab_size
     long, short = prompts(vocab, args.batch, args.prefill_len), prompts(vocab, args.batch, 16, seed=1)
 
@@ -96,8 +97,10 @@ def run_ernie_hal(args) -> dict:
     prefill(), decode()  # warm-up (kernel compilation, caches)
     pre = [prefill() for _ in range(args.repeat)]
     dec = [decode() for _ in range(args.repeat)]
-    return _report(args, pre, dec, kernels=model.kernels, device_name=model.backend.info.name,
-                   bandwidth=model.backend.info.bandwidth_gbps)
+    out = _report(args, pre, dec, kernels=model.kernels, device_name=model.backend.info.name,
+                  bandwidth=model.backend.info.bandwidth_gbps)
+    out["decode_graphs"] = model.engine.decode_graphs
+    return out
 
 
 def run_transformers(args) -> dict:
@@ -155,7 +158,7 @@ def child(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    fn = run_ernie_hal if args.engine == "ernie-hal" else run_transformers
+    fn = run_ernie_hal if args.engine.startswith("ernie-hal") else run_transformers
     print("RESULT " + json.dumps(fn(args)), flush=True)
 
 
@@ -179,7 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), help="presets whose shape to build")
     ap.add_argument("--layers", type=int, default=None, help="truncate depth (small runs; default: full)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--engines", nargs="+", default=["ernie-hal", "transformers"])
+    ap.add_argument("--engines", nargs="+", default=["ernie-hal", "transformers"],
+                    choices=["ernie-hal", "ernie-hal-eager", "transformers"],
+                    help="ernie-hal-eager: ernie-hal without decode graphs, to show what they bring")
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--decode-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
                                  else r[key] >= bound}
                 rows.append(r)
                 msg = r.get("error", "").strip().splitlines()[-1:] or [""]
-                print(f"{preset:20} B={batch:<3} {engine:12} " + (
+                print(f"{preset:20} B={batch:<3} {engine:15} " + (
                     f"prefill {r['prefill_tokens_per_s']:10.1f} tok/s  decode {r['decode_tpot_ms']:8.2f} ms/token "
                     f"({r['decode_tokens_per_s']:8.1f} tok/s, {r['decode_weight_gbps']:7.1f} GB/s)"
                     if "decode_tpot_ms" in r else f"error: {msg[0]}"), flush=True)

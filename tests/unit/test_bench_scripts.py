@@ -29,11 +29,14 @@ def test_bench_ops_kernel_vs_reference_on_cpu(tmp_path):
 
 def test_bench_e2e_against_transformers_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
+    engines = ("ernie-hal", "ernie-hal-eager", "transformers")
     proc = run("bench_e2e.py", "--device", "cpu", "--dtype", "fp32", "--models", "tiny-moe", "--batches", 1, 2,
-               "--prefill-len", 8, "--decode-len", 3, "--repeat", 1, "--checkpoints", tmp_path, "--output", out)
+               "--prefill-len", 8, "--decode-len", 3, "--repeat", 1, "--checkpoints", tmp_path, "--output", out,
+               "--engines", *engines)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["results"]
-    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ("ernie-hal", "transformers") for b in (1, 2)}
+    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in engines for b in (1, 2)}
+    assert {r["decode_graphs"] for r in rows if r["engine"] == "ernie-hal-eager"} == {"off: turned off (eager)"}
     for r in rows:
         assert r["decode_tpot_ms"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_weight_gbps"] > 0
 
@@ -52,3 +55,20 @@ def test_bench_generate_rounds_against_transformers(tmp_path):
     for r in data["rows"]:
         assert r["rounds"] == 2 and len(r["decode_tokens_per_s_each_round"]) == 2
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+
+
+def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
+    """scripts/gpu_checks.sh is what a session with a GPU runs in one call; QUICK=1 on the CPU
+    checks that every step's command line works before GPU time is spent on it."""
+    import os
+    script = BENCH.parent / "scripts" / "gpu_checks.sh"
+    env = dict(os.environ, QUICK="1", DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+               CKPT=str(tmp_path / "ckpt"))
+    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "5 steps, 0 failed" in proc.stdout
+    out = tmp_path / "out"
+    for name in ("devices.json", "conformance_cpu.json", "bench_ops_cpu.json", "bench_e2e_cpu_small.json",
+                 "bench_e2e_cpu_21b.json"):
+        assert json.loads((out / name).read_text()), name

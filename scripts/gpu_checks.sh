@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared run, for a machine with a GPU (a lent one included): the native
+# conformance matrix (decode graphs row included), per-op benchmarks, and end-to-end decode and
+# prefill against transformers for the 0.3B and 21B-A3B shapes, with and without decode graphs.
+#
+#   bash scripts/gpu_checks.sh [STEP ...]      steps: env conformance ops e2e-small e2e-21b
+#                                              (default: all but e2e-21b, which takes longest)
+# Environment: DEVICE (cuda), PYTHON (python3), OUT (results folder; default
+# benchmarks/results/gpu), CKPT (where random checkpoints go; default /tmp/ernie-hal-ckpt),
+# QUICK=1 (tiny shapes on any device: checks this script itself).
+# Each step has its own time limit, so one slow step cannot eat the others' time; a step's
+# failure is reported and the next step still runs. Exit status: the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu}
+CKPT=${CKPT:-/tmp/ernie-hal-ckpt}
+QUICK=${QUICK:-0}
+mkdir -p "$OUT" "$CKPT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env conformance ops e2e-small)
+
+# Importable without network: an editable install without dependencies, or else a path entry
+# whose `ernie_hal` is this checkout (the package is the repository root).
+if ! "$PY" -c "import ernie_hal" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
+    shim=$(mktemp -d); ln -s "$PWD" "$shim/ernie_hal"; export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"; }
+fi
+
+if [ "$QUICK" = 1 ]; then
+  e2e_small=(--models tiny-moe --layers 1 --batches 1 2 --prefill-len 8 --decode-len 3 --repeat 1 --dtype fp32)
+  e2e_big=("${e2e_small[@]}")
+  ops=(--small --iters 2 --dtype fp32 --ops rms_norm gqa_attention moe)
+  conf=(--dtypes fp32)
+else
+  e2e_small=(--models ernie-4.5-0.3b --batches 1 16 --dtype bf16)
+  e2e_big=(--models ernie-4.5-21b-a3b --batches 1 16 --dtype bf16 --decode-len 64 --repeat 2)
+  ops=(--dtype bf16)
+  conf=()
+fi
+
+failed=0
+run_step() {   # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    env) run_step env 60 bash -c "nvidia-smi -L 2>/dev/null || rocm-smi --showproductname 2>/dev/null || true;
+                                 $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.version.hip)';
+                                 $PY -m ernie_hal devices --json > '$OUT/devices.json' && echo devices: ok" ;;
+    conformance) run_step conformance 300 "$PY" -m ernie_hal conformance --device "$DEVICE" "${conf[@]}" \
+                   --json "$OUT/conformance_$DEVICE.json" ;;
+    ops) run_step ops 240 "$PY" benchmarks/bench_ops.py --device "$DEVICE" "${ops[@]}" \
+           --output "$OUT/bench_ops_$DEVICE.json" ;;
+    e2e-small) run_step e2e-small 420 "$PY" benchmarks/bench_e2e.py --device "$DEVICE" "${e2e_small[@]}" \
+                 --engines ernie-hal ernie-hal-eager transformers --checkpoints "$CKPT" \
+                 --output "$OUT/bench_e2e_${DEVICE}_small.json" ;;
+    e2e-21b) run_step e2e-21b 560 "$PY" benchmarks/bench_e2e.py --device "$DEVICE" "${e2e_big[@]}" \
+               --engines ernie-hal ernie-hal-eager transformers --checkpoints "$CKPT" \
+               --output "$OUT/bench_e2e_${DEVICE}_21b.json" ;;
+    *) echo "unknown step $step (env conformance ops e2e-small e2e-21b)"; failed=$((failed + 1)) ;;
+  esac
+done
+echo "gpu_checks: ${#steps[@]} steps, $failed failed; results in $OUT"
+exit $failed
