@@ -126,16 +126,20 @@ class Model:
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.8,
                  top_k: int = 0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
-                 ignore_eos: bool = False, on_token=None):
+                 ignore_eos: bool = False, on_token=None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0):
         """Text (or token-id lists) in, Completion(s) out: one for a single prompt, a list for a list.
-        temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced."""
+        temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced.
+        Penalties: presence and frequency (OpenAI's, on generated tokens), repetition (Hugging
+        Face's, on prompt and generated tokens); they apply to greedy decoding too."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
                                               all(isinstance(t, int) for t in prompts))
         batch = [prompts] if single else list(prompts)
         ids = [self.encode(p, chat=chat) for p in batch]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop_token_ids=tuple(stop_token_ids),
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
         seqs, times = self.engine.generate(ids, params, on_token=on_token)
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),

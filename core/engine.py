@@ -158,7 +158,7 @@ class Engine:
             logits = logits.cpu()
             for row, i in enumerate(ready):
                 s = taken[i]
-                token = sample(logits[row], s.params, s.generator)
+                token = sample(logits[row], s.params, s.generator, s.prompt_ids, s.output_ids)
                 s.output_ids.append(token)
                 self._check_finished(s, token)
                 out.append((s, token))

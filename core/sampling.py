@@ -1,4 +1,4 @@
-"""Sampling parameters and the token sampler (greedy, temperature, top-k, top-p, seeded)."""
+"""Sampling parameters and the token sampler (penalties, greedy, temperature, top-k, top-p, seeded)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple = field(default=())
     ignore_eos: bool = False
+    # OpenAI's penalties on the generated tokens: logit -= frequency * count + presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # CTRL's / Hugging Face's on every token seen (prompt and output): a positive logit is divided
+    # by it, a negative one multiplied; 1 = off
+    repetition_penalty: float = 1.0
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -30,7 +36,16 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise SamplingError(f"repetition_penalty must be in (0, 2] (1 = off), got {self.repetition_penalty}")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -45,9 +60,30 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from float32 logits [V]. Sampling runs on the CPU so a seed gives the same
-    tokens whichever device computed the logits."""
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids=(), output_ids=()) -> torch.Tensor:
+    """Penalised copy of float32 logits [V]: repetition over prompt + output, then frequency and
+    presence over the output (vLLM's order)."""
+    scores = logits.float().clone()
+    V = scores.numel()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long).unique()
+        seen = seen[seen < V]
+        picked = scores[seen]
+        scores[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                   picked * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(list(output_ids), dtype=torch.long), minlength=V)[:V].float()
+        scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return scores
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           prompt_ids=(), output_ids=()) -> int:
+    """One token from float32 logits [V] of a sequence with these prompt and output ids (for the
+    penalties). Sampling runs on the CPU so a seed gives the same tokens whichever device
+    computed the logits."""
+    if params.penalized:
+        logits = apply_penalties(logits.cpu(), params, prompt_ids, output_ids)
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float().cpu() / params.temperature

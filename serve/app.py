@@ -81,7 +81,9 @@ class Server:
             temperature=float(req.temperature if req.temperature is not None else d["temperature"]),
             top_p=float(req.top_p if req.top_p is not None else d["top_p"]),
             top_k=max(0, top_k), seed=None if req.seed is None else req.seed % 2**63,
-            ignore_eos=req.ignore_eos)
+            ignore_eos=req.ignore_eos,
+            **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])
+               for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
     def encode(self, prompt, param: str) -> list:
         if isinstance(prompt, list):
@@ -99,8 +101,9 @@ class Server:
 
 def generation_defaults(path) -> dict:
     """Sampling defaults: the checkpoint's generation_config.json where it has them (as vLLM
-    does), else OpenAI's (temperature 1, top_p 1)."""
-    out = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    does), else OpenAI's (temperature 1, top_p 1, no penalties)."""
+    out = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+           "repetition_penalty": 1.0}
     try:
         with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as f:
             cfg = json.load(f)

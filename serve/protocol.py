@@ -3,8 +3,8 @@
 Validation errors are 400 (as vLLM answers them; OpenAI's own API does too), never FastAPI's
 422: malformed JSON, a body that is not an object, a field of the wrong type, a value out of
 range. Fields we do not know are ignored, as vLLM does; fields we know but do not implement
-(logprobs, echo, penalties, logit_bias, ...) are refused with 400 when set to a non-default.
-Extensions, as vLLM spells them: `top_k`, `ignore_eos`, `return_token_ids`.
+(logprobs, echo, logit_bias, ...) are refused with 400 when set to a non-default.
+Extensions, as vLLM spells them: `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class _Common(_Strict):
     logprobs: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None   # vLLM's extension (Hugging Face's penalty)
     logit_bias: dict | None = None
     return_token_ids: bool = False        # vLLM's extension: token ids beside the text
 
@@ -111,8 +112,12 @@ def check_common(req: _Common) -> None:
     if req.logprobs not in (None, False, 0):
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported by this server; leave it at 0", param=name)
+        value = getattr(req, name)
+        if value is not None and not -2 <= value <= 2:
+            raise APIError(400, f"{name} must be between -2 and 2, got {value}", param=name)
+    if req.repetition_penalty is not None and not 0 < req.repetition_penalty <= 2:
+        raise APIError(400, f"repetition_penalty must be in (0, 2] (1 = off), got {req.repetition_penalty}",
+                       param="repetition_penalty")
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     stop_strings(req.stop)

@@ -19,6 +19,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="Hugging Face's penalty on tokens of the prompt and output (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, on generated tokens (0 = off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, on generated tokens (0 = off)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     add_load_flags(g)
@@ -68,6 +72,8 @@ def run(args) -> int:
 
     out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
+                         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                         frequency_penalty=args.frequency_penalty,
                          on_token=on_token)
     m = out[0].metrics
     if args.json:

@@ -92,6 +92,21 @@ def test_fp32_greedy_32_tokens_identical_to_transformers(case):
     assert ours == ref[0, len(ids):].tolist(), name
 
 
+def test_repetition_penalty_greedy_identical_to_transformers(case):
+    """Hugging Face's repetition penalty (over prompt and output) gives HF's greedy ids."""
+    name, path, hf = case
+    ids = _prompt(12, seed=3)
+    model = ernie_hal.load(str(path), device="cpu", dtype="fp32")
+    ours = model.generate(ids, max_new_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.5).token_ids
+    plain = model.generate(ids, max_new_tokens=24, temperature=0, ignore_eos=True).token_ids
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0,
+                          repetition_penalty=1.5)
+    assert ours == ref[0, len(ids):].tolist(), name
+    assert ours != plain, "the penalty changed nothing: the test would not catch a no-op"
+
+
 def test_sharded_checkpoint_gives_same_logits(tmp_path_factory):
     path, hf = _hf_checkpoint(tmp_path_factory, "moe-shared2", shard="40KB")
     assert (path / "model.safetensors.index.json").exists()

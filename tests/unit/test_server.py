@@ -107,6 +107,18 @@ def test_completion_matches_the_engine(client, model):
     assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 12
 
 
+def test_penalties_reach_the_sampler(client, model):
+    """OpenAI's presence/frequency penalties and vLLM's repetition_penalty: the server's tokens
+    equal the engine's with the same penalties."""
+    kw = dict(max_new_tokens=16, temperature=0, ignore_eos=True)
+    r = client.completions.create(model=NAME, prompt="aaaa", max_tokens=16, temperature=0, frequency_penalty=1.5,
+                                  presence_penalty=0.5, extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                                    "repetition_penalty": 1.3})
+    want = model.generate("aaaa", frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, **kw)
+    assert r.choices[0].model_extra["token_ids"] == want.token_ids
+    assert want.token_ids != model.generate("aaaa", **kw).token_ids
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(client):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "stream me"}], max_tokens=10, temperature=0,
               extra_body={"ignore_eos": True})
@@ -228,6 +240,10 @@ BAD = [
      "maximum context length"),
     ("temperature", "/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "between 0 and 2"),
     ("n", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "n must be"),
+    ("presence_penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
+     "between -2 and 2"),
+    ("repetition_penalty", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 2]"),
     ("five stops", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop", "at most 4"),
     ("token outside vocab", "/v1/completions", {"prompt": [99999]}, 400, "prompt", "outside the vocabulary"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),

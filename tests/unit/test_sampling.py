@@ -1,0 +1,49 @@
+"""Sampling: penalties against their formulas, range checks, and their effect through the engine."""
+
+import pytest
+import torch
+
+import ernie_hal
+from ernie_hal.core.sampling import SamplingError, SamplingParams, apply_penalties, sample
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([2.0, -2.0, 1.0, -1.0, 0.5])
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1], output_ids=[1, 3])
+    assert got.tolist() == [1.0, -4.0, 1.0, -2.0, 0.5]
+    assert logits.tolist() == [2.0, -2.0, 1.0, -1.0, 0.5]      # the caller's logits are untouched
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    logits = torch.zeros(5)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    got = apply_penalties(logits, p, prompt_ids=[4, 4, 4], output_ids=[1, 1, 1, 2])
+    assert got.tolist() == [0.0, -1.75, -0.75, 0.0, 0.0]       # 3 x 0.5 + 0.25, 1 x 0.5 + 0.25; prompt free
+
+
+def test_negative_presence_penalty_encourages_repeats_and_greedy_sees_penalties():
+    logits = torch.tensor([1.0, 0.9, 0.0])
+    assert sample(logits, SamplingParams(temperature=0), None, output_ids=[1]) == 0
+    assert sample(logits, SamplingParams(temperature=0, presence_penalty=-0.5), None, output_ids=[1]) == 1
+    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=2.0), None, prompt_ids=[0]) == 1
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
+    (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2]"),
+    (dict(repetition_penalty=0), "repetition_penalty must be in (0, 2]"),
+])
+def test_penalties_out_of_range_are_refused(kw, words):
+    with pytest.raises(SamplingError, match=words.replace("[", r"\[").replace("(", r"\(")):
+        SamplingParams(**kw).validate()
+
+
+def test_frequency_penalty_through_the_engine_breaks_repetition():
+    model = ernie_hal.load("tiny", device="cpu", dtype="fp32")
+    kw = dict(max_new_tokens=40, temperature=0, ignore_eos=True)
+    plain = model.generate([5, 6, 7], **kw).token_ids
+    penalised = model.generate([5, 6, 7], frequency_penalty=2.0, **kw).token_ids
+    assert penalised != plain
+    # a strong frequency penalty makes the most repeated token of the plain run appear less often
+    top = max(set(plain), key=plain.count)
+    assert penalised.count(top) < plain.count(top)
