@@ -18,7 +18,7 @@ import torch
 from .decode_graphs import DecodeGraphs, graphs_unavailable
 from .kvcache import KVCache
 from .model import ErnieModel
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
 
 class GenerationError(ValueError):
@@ -34,6 +34,7 @@ class Sequence:
     num_computed: int = 0                 # tokens whose K/V are in the cache
     finish_reason: str | None = None      # "stop" | "length" | "abort"
     generator: torch.Generator | None = None
+    logprobs: list = field(default_factory=list)   # per output token, when params.logprobs is set
 
     @property
     def all_ids(self) -> list:
@@ -159,6 +160,8 @@ class Engine:
             for row, i in enumerate(ready):
                 s = taken[i]
                 token = sample(logits[row], s.params, s.generator, s.prompt_ids, s.output_ids)
+                if s.params.logprobs is not None:
+                    s.logprobs.append(token_logprobs(logits[row], token, s.params.logprobs))
                 s.output_ids.append(token)
                 self._check_finished(s, token)
                 out.append((s, token))

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOGPROBS = 20
+
+
 class SamplingError(ValueError):
     """A sampling parameter is out of range."""
 
@@ -26,6 +29,9 @@ class SamplingParams:
     # CTRL's / Hugging Face's on every token seen (prompt and output): a positive logit is divided
     # by it, a negative one multiplied; 1 = off
     repetition_penalty: float = 1.0
+    # log-probabilities of each sampled token (of the model's distribution, before penalties and
+    # temperature, as vLLM reports them) plus this many most likely alternatives; None = off
+    logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -41,6 +47,8 @@ class SamplingParams:
                 raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 2:
             raise SamplingError(f"repetition_penalty must be in (0, 2] (1 = off), got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         return self
 
     @property
@@ -99,3 +107,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = torch.empty_like(scores).scatter_(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
+    """(log p(token), [(id, log p)] of the `top` most likely ids) under softmax(logits)."""
+    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    alternatives = []
+    if top:
+        values, ids = torch.topk(lp, top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return float(lp[token]), alternatives

@@ -45,6 +45,7 @@ class SeqOutput:
     text: str = ""                    # newly released text (from the request's detokenizers)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    logprob: tuple | None = None      # (log p(token), [(id, log p)] alternatives) when asked for
 
 
 class Request:
@@ -173,7 +174,8 @@ class Scheduler:
             if s.finished and request.detokenizers is not None:
                 text += request.detokenizers[index].flush()
             outputs.setdefault(request.request_id, (request, []))[1].append(
-                SeqOutput(index, token, text, s.finish_reason))
+                SeqOutput(index, token, text, s.finish_reason,
+                          logprob=s.logprobs[-1] if s.params.logprobs is not None else None))
             if s.finished:
                 self._retire(s)
         self.observer.tokens_generated(len(produced))

@@ -23,8 +23,9 @@ from ..core.sampling import SamplingError, SamplingParams
 from ..core.scheduler import Scheduler, size_kv_cache
 from .async_engine import AsyncEngine, Job
 from .metrics import ServerMetrics
+from . import logprobs as lpfmt
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_messages, check_common,
-                       completion_prompts, parse, stop_strings)
+                       completion_prompts, logprobs_count, parse, stop_strings)
 
 log = logging.getLogger("ernie_hal.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
@@ -81,7 +82,7 @@ class Server:
             temperature=float(req.temperature if req.temperature is not None else d["temperature"]),
             top_p=float(req.top_p if req.top_p is not None else d["top_p"]),
             top_k=max(0, top_k), seed=None if req.seed is None else req.seed % 2**63,
-            ignore_eos=req.ignore_eos,
+            ignore_eos=req.ignore_eos, logprobs=logprobs_count(req),
             **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])
                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
@@ -209,9 +210,10 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             metrics.http_request(200)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(handle, meta, req.n, len(ids), usage, req.return_token_ids), handle)
-        return await _answer(request, handle, lambda outs: _chat_body(meta, outs, len(ids), req.return_token_ids),
-                             metrics)
+            return _sse(_chat_stream(handle, meta, req.n, len(ids), usage, req.return_token_ids,
+                                     server.tokenizer), handle)
+        return await _answer(request, handle, lambda outs: _chat_body(meta, outs, len(ids), req.return_token_ids,
+                                                                     server.tokenizer), metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -232,9 +234,10 @@ def create_app(server: Server) -> FastAPI:
         if req.stream:
             metrics.http_request(200)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_completion_stream(handle, meta, prompt_tokens, usage, req.return_token_ids), handle)
-        return await _answer(request, handle,
-                             lambda outs: _completion_body(meta, outs, prompt_tokens, req.return_token_ids), metrics)
+            return _sse(_completion_stream(handle, meta, prompt_tokens, usage, req.return_token_ids,
+                                           server.tokenizer), handle)
+        return await _answer(request, handle, lambda outs: _completion_body(
+            meta, outs, prompt_tokens, req.return_token_ids, server.tokenizer), metrics)
 
     return app
 
@@ -243,6 +246,7 @@ def create_app(server: Server) -> FastAPI:
 class _Choice:
     def __init__(self):
         self.parts, self.token_ids, self.finish_reason = [], [], None
+        self.logprobs = None          # [(log p, alternatives)] when the request asked for them
 
 
 async def _collect(handle) -> list:
@@ -256,6 +260,8 @@ async def _collect(handle) -> list:
         c.parts.append(out.text)
         if out.token_id is not None:
             c.token_ids.append(out.token_id)
+            if out.logprob is not None:
+                c.logprobs = (c.logprobs or []) + [out.logprob]
         c.finish_reason = out.finish_reason or c.finish_reason
     return choices
 
@@ -296,18 +302,21 @@ def _ids(c: _Choice, on: bool) -> dict:
     return {"token_ids": c.token_ids} if on else {}
 
 
-def _chat_body(meta, choices, prompt_tokens, token_ids: bool) -> dict:
+def _chat_body(meta, choices, prompt_tokens, token_ids: bool, tokenizer) -> dict:
     return {**meta, "object": "chat.completion",
             "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.parts)},
-                         "logprobs": None, "finish_reason": c.finish_reason, **_ids(c, token_ids)}
+                         "logprobs": None if c.logprobs is None else lpfmt.chat(tokenizer, c.token_ids, c.logprobs),
+                         "finish_reason": c.finish_reason, **_ids(c, token_ids)}
                         for i, c in enumerate(choices)],
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
 
-def _completion_body(meta, choices, prompt_tokens, token_ids: bool) -> dict:
+def _completion_body(meta, choices, prompt_tokens, token_ids: bool, tokenizer) -> dict:
     return {**meta, "object": "text_completion",
-            "choices": [{"index": i, "text": "".join(c.parts), "logprobs": None, "finish_reason": c.finish_reason,
-                         **_ids(c, token_ids)} for i, c in enumerate(choices)],
+            "choices": [{"index": i, "text": "".join(c.parts),
+                         "logprobs": None if c.logprobs is None else lpfmt.completion(tokenizer, c.token_ids,
+                                                                                      c.logprobs),
+                         "finish_reason": c.finish_reason, **_ids(c, token_ids)} for i, c in enumerate(choices)],
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
 
@@ -347,7 +356,7 @@ def _chunk_ids(out, on: bool) -> dict:
     return {"token_ids": [out.token_id] if out.token_id is not None else []} if on else {}
 
 
-async def _chat_stream(handle, meta, n, prompt_tokens, include_usage, token_ids):
+async def _chat_stream(handle, meta, n, prompt_tokens, include_usage, token_ids, tokenizer):
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
     for i in range(n):      # OpenAI opens every choice with the assistant role
@@ -356,7 +365,8 @@ async def _chat_stream(handle, meta, n, prompt_tokens, include_usage, token_ids)
 
     def chunk(index, out):
         delta = {"content": out.text} if out.token_id is not None else {}
-        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None,
+        lp = None if out.logprob is None else lpfmt.chat(tokenizer, [out.token_id], [out.logprob])
+        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
                                      "finish_reason": out.finish_reason, **_chunk_ids(out, token_ids)}], **extra}
 
     usage = (lambda t: {**base, "choices": [], "usage": _usage(prompt_tokens, t)}) if include_usage else None
@@ -364,12 +374,17 @@ async def _chat_stream(handle, meta, n, prompt_tokens, include_usage, token_ids)
         yield line
 
 
-async def _completion_stream(handle, meta, prompt_tokens, include_usage, token_ids):
+async def _completion_stream(handle, meta, prompt_tokens, include_usage, token_ids, tokenizer):
     base = {**meta, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
+    offsets: dict = {}     # choice -> text offset of its next token
 
     def chunk(index, out):
-        return {**base, "choices": [{"index": index, "text": out.text, "logprobs": None,
+        lp = None
+        if out.logprob is not None:
+            lp = lpfmt.completion(tokenizer, [out.token_id], [out.logprob], offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(lp["tokens"][0])
+        return {**base, "choices": [{"index": index, "text": out.text, "logprobs": lp,
                                      "finish_reason": out.finish_reason, **_chunk_ids(out, token_ids)}], **extra}
 
     usage = (lambda t: {**base, "choices": [], "usage": _usage(prompt_tokens, t)}) if include_usage else None

@@ -3,7 +3,7 @@
 Validation errors are 400 (as vLLM answers them; OpenAI's own API does too), never FastAPI's
 422: malformed JSON, a body that is not an object, a field of the wrong type, a value out of
 range. Fields we do not know are ignored, as vLLM does; fields we know but do not implement
-(logprobs, echo, logit_bias, ...) are refused with 400 when set to a non-default.
+(echo, suffix, logit_bias, ...) are refused with 400 when set to a non-default.
 Extensions, as vLLM spells them: `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`.
 """
 
@@ -13,6 +13,8 @@ import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..core.sampling import MAX_LOGPROBS
 
 MAX_STOP = 4
 MAX_N = 128
@@ -109,8 +111,6 @@ def check_common(req: _Common) -> None:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    if req.logprobs not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
         if value is not None and not -2 <= value <= 2:
@@ -121,6 +121,27 @@ def check_common(req: _Common) -> None:
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     stop_strings(req.stop)
+
+
+def logprobs_count(req: _Common) -> int | None:
+    """How many alternatives per token the request wants log-probabilities for; None = off.
+    Chat: `logprobs: true` + `top_logprobs: k`; completions (legacy): `logprobs: k`."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, f"logprobs must be a boolean for chat completions, got {req.logprobs!r}",
+                           param="logprobs")
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}", param="top_logprobs")
+        if top and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        return (top or 0) if req.logprobs else None
+    k = req.logprobs
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be an integer between 0 and {MAX_LOGPROBS}, got {k!r}", param="logprobs")
+    return k
 
 
 def stop_strings(stop) -> list:

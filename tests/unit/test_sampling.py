@@ -47,3 +47,17 @@ def test_frequency_penalty_through_the_engine_breaks_repetition():
     # a strong frequency penalty makes the most repeated token of the plain run appear less often
     top = max(set(plain), key=plain.count)
     assert penalised.count(top) < plain.count(top)
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_top_alternatives():
+    model = ernie_hal.load("tiny", device="cpu", dtype="fp32")
+    prompt = [5, 6, 7]
+    out = model.generate(prompt, max_new_tokens=5, temperature=0, ignore_eos=True, logprobs=3)
+    assert len(out.logprobs) == 5
+    ids = list(prompt)
+    for token, (lp, top) in zip(out.token_ids, out.logprobs):
+        want = torch.log_softmax(model.logits(ids)[-1].double(), -1)
+        assert abs(lp - want[token].item()) < 1e-4
+        assert [i for i, _ in top] == want.topk(3).indices.tolist() and top[0][0] == token   # greedy
+        ids.append(token)
+    assert model.generate(prompt, max_new_tokens=2, temperature=0).logprobs is None

@@ -119,6 +119,37 @@ def test_penalties_reach_the_sampler(client, model):
     assert want.token_ids != model.generate("aaaa", **kw).token_ids
 
 
+def test_chat_logprobs_match_the_engine(client, model):
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = r.choices[0]
+    ids = choice.model_extra["token_ids"]
+    content = choice.logprobs.content
+    assert len(content) == len(ids) == 6
+    prompt = model.encode([{"role": "user", "content": "hi"}], chat=True)
+    want = model.generate(prompt, max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    for entry, (lp, top), token in zip(content, want.logprobs, ids):
+        assert entry.logprob == pytest.approx(lp) and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(lp)          # greedy: the top one
+        assert entry.token == model.tokenizer.decode([token], skip_special_tokens=False)
+        assert bytes(entry.bytes) == entry.token.encode("utf-8")
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_stream_equal_non_stream(client):
+    kw = dict(model=NAME, prompt="log me", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    assert len(whole.tokens) == len(whole.token_logprobs) == len(whole.top_logprobs) == 5
+    assert all(len(t) in (2, 3) for t in whole.top_logprobs)          # top 2, plus the sampled one
+    assert whole.text_offset == [sum(len(t) for t in whole.tokens[:i]) for i in range(5)]
+    parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw) if c.choices[0].logprobs]
+    assert [p.tokens[0] for p in parts] == whole.tokens
+    assert [p.token_logprobs[0] for p in parts] == pytest.approx(whole.token_logprobs)
+    assert [p.text_offset[0] for p in parts] == whole.text_offset
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(client):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "stream me"}], max_tokens=10, temperature=0,
               extra_body={"ignore_eos": True})
@@ -240,6 +271,14 @@ BAD = [
      "maximum context length"),
     ("temperature", "/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "between 0 and 2"),
     ("n", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "n must be"),
+    ("top_logprobs range", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "logprobs": True, "top_logprobs": 25}, 400, "top_logprobs",
+     "between 0 and 20"),
+    ("top_logprobs alone", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "top_logprobs": 2}, 400, "top_logprobs", "logprobs set to true"),
+    ("completion logprobs", "/v1/completions", {"prompt": "x", "logprobs": "all"}, 400, "logprobs",
+     "integer between 0 and 20"),
+    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "not supported"),
     ("presence_penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
      "between -2 and 2"),
     ("repetition_penalty", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
