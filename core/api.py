@@ -94,6 +94,7 @@ class Completion:
     finish_reason: str
     metrics: dict = field(default_factory=dict)
     logprobs: list | None = None     # [(log p(token), [(id, log p)] top alternatives)] when asked for
+    prompt_logprobs: list | None = None   # the same for prompt tokens 1.. (token 0 has no context)
 
 
 class Model:
@@ -128,13 +129,15 @@ class Model:
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.8,
                  top_k: int = 0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
                  ignore_eos: bool = False, on_token=None, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None):
+                 frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None):
         """Text (or token-id lists) in, Completion(s) out: one for a single prompt, a list for a list.
         temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced.
         Penalties: presence and frequency (OpenAI's, on generated tokens), repetition (Hugging
         Face's, on prompt and generated tokens); they apply to greedy decoding too. `logprobs=k`
         adds each token's log-probability under the model (before penalties and temperature) and
-        its k most likely alternatives."""
+        its k most likely alternatives; `prompt_logprobs=k` the same for the prompt's tokens (each
+        scored by the positions before it: what evaluation harnesses call loglikelihood)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
                                               all(isinstance(t, int) for t in prompts))
         batch = [prompts] if single else list(prompts)
@@ -143,7 +146,7 @@ class Model:
                                 top_k=top_k, seed=seed, stop_token_ids=tuple(stop_token_ids),
                                 ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                logprobs=logprobs)
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         seqs, times = self.engine.generate(ids, params, on_token=on_token)
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),
@@ -153,7 +156,8 @@ class Model:
             metrics["offload"] = offload
         out = [Completion(text=self.decode(s.output_ids), token_ids=list(s.output_ids),
                           prompt_token_ids=list(s.prompt_ids), finish_reason=s.finish_reason,
-                          metrics=metrics, logprobs=list(s.logprobs) if logprobs is not None else None)
+                          metrics=metrics, logprobs=list(s.logprobs) if logprobs is not None else None,
+                          prompt_logprobs=list(s.prompt_logprobs) if prompt_logprobs is not None else None)
                for s in seqs]
         return out[0] if single else out
 

@@ -35,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None      # "stop" | "length" | "abort"
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)   # per output token, when params.logprobs is set
+    prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.. (params.prompt_logprobs)
 
     @property
     def all_ids(self) -> list:
@@ -147,8 +148,14 @@ class Engine:
         ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.long) - 1
         ready = [i for i, (s, n) in enumerate(zip(taken, counts)) if s.num_pending == n]
         ids = torch.tensor(ids, dtype=torch.long, device=self.model.backend.device)
+        scoring = [i for i, s in enumerate(taken)
+                   if s.params.prompt_logprobs is not None and s.num_computed < len(s.prompt_ids) - 1]
         logits = None
-        if self.graphs is not None and len(ready) == len(taken) == len(ids):   # a pure decode step
+        if scoring:   # every row's logits: each prompt position scores the next prompt token
+            every = self.model.forward(ids, meta, kv).cpu()
+            self._score_prompts(taken, counts, scoring, every)
+            logits = every[ends[ready]] if ready else None
+        elif self.graphs is not None and len(ready) == len(taken) == len(ids):   # a pure decode step
             logits = self.graphs.run(ids, meta, kv)
         if logits is None and ready:
             logits = self.model.forward(ids, meta, kv, ends[ready].to(self.model.backend.device))
@@ -166,6 +173,19 @@ class Engine:
                 self._check_finished(s, token)
                 out.append((s, token))
         return out
+
+    @staticmethod
+    def _score_prompts(taken, counts, scoring, logits) -> None:
+        """Log p of prompt token j + 1 from row j's logits, for the sequences in `scoring`. A
+        sequence prefilled again after preemption keeps the entries it has (no duplicates)."""
+        starts = [0, *itertools.accumulate(counts)]
+        for i in scoring:
+            s = taken[i]
+            for j in range(counts[i]):
+                pos = s.num_computed + j
+                if pos + 1 < len(s.prompt_ids) and len(s.prompt_logprobs) == pos:
+                    s.prompt_logprobs.append(token_logprobs(logits[starts[i] + j], s.prompt_ids[pos + 1],
+                                                            s.params.prompt_logprobs))
 
     def free(self, s: Sequence) -> None:
         """Return a sequence's KV blocks (finished, aborted or preempted); safe to call twice."""

@@ -32,6 +32,8 @@ class SamplingParams:
     # log-probabilities of each sampled token (of the model's distribution, before penalties and
     # temperature, as vLLM reports them) plus this many most likely alternatives; None = off
     logprobs: int | None = None
+    # the same for every prompt token after the first (what each earlier position predicted)
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -47,8 +49,10 @@ class SamplingParams:
                 raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 2:
             raise SamplingError(f"repetition_penalty must be in (0, 2] (1 = off), got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise SamplingError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise SamplingError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {k}")
         return self
 
     @property

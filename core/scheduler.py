@@ -46,6 +46,7 @@ class SeqOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     logprob: tuple | None = None      # (log p(token), [(id, log p)] alternatives) when asked for
+    prompt_logprobs: list | None = None   # with a choice's first token, when asked for
 
 
 class Request:
@@ -175,7 +176,9 @@ class Scheduler:
                 text += request.detokenizers[index].flush()
             outputs.setdefault(request.request_id, (request, []))[1].append(
                 SeqOutput(index, token, text, s.finish_reason,
-                          logprob=s.logprobs[-1] if s.params.logprobs is not None else None))
+                          logprob=s.logprobs[-1] if s.params.logprobs is not None else None,
+                          prompt_logprobs=list(s.prompt_logprobs)
+                          if s.params.prompt_logprobs is not None and len(s.output_ids) == 1 else None))
             if s.finished:
                 self._retire(s)
         self.observer.tokens_generated(len(produced))

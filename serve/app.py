@@ -60,7 +60,7 @@ class Server:
                            param="model", code="model_not_found")
 
     def sampling(self, req, max_tokens, prompt_len: int, default_max_tokens: int | None,
-                 prompt_param: str) -> SamplingParams:
+                 prompt_param: str, echo: bool = False) -> SamplingParams:
         limit = self.max_model_len
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt is "
@@ -83,6 +83,7 @@ class Server:
             top_p=float(req.top_p if req.top_p is not None else d["top_p"]),
             top_k=max(0, top_k), seed=None if req.seed is None else req.seed % 2**63,
             ignore_eos=req.ignore_eos, logprobs=logprobs_count(req),
+            prompt_logprobs=logprobs_count(req) if echo else None,
             **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])
                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
@@ -224,8 +225,11 @@ def create_app(server: Server) -> FastAPI:
             check_common(req)
             prompts = [server.encode(p, "prompt") for p in completion_prompts(req)]
             stop = tuple(stop_strings(req.stop))
-            jobs = [Job(ids, server.sampling(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS, "prompt"),
-                        req.n, stop) for ids in prompts]
+            jobs = [Job(ids, server.sampling(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
+                                             echo=req.echo), req.n, stop) for ids in prompts]
+            # echo: the prompt as given (text, or the decoding of its ids) before each completion
+            echoed = [p if isinstance(p, str) else server.tokenizer.decode(p) if server.tokenizer else ""
+                      for p in completion_prompts(req)] if req.echo else None
             handle = server.submit(jobs, "prompt")
         except APIError as e:
             return error(e)
@@ -236,8 +240,10 @@ def create_app(server: Server) -> FastAPI:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_completion_stream(handle, meta, prompt_tokens, usage, req.return_token_ids,
                                            server.tokenizer), handle)
+        echo = None if echoed is None else [(echoed[i // req.n], prompts[i // req.n])
+                                            for i in range(len(prompts) * req.n)]
         return await _answer(request, handle, lambda outs: _completion_body(
-            meta, outs, prompt_tokens, req.return_token_ids, server.tokenizer), metrics)
+            meta, outs, prompt_tokens, req.return_token_ids, server.tokenizer, echo), metrics)
 
     return app
 
@@ -247,6 +253,7 @@ class _Choice:
     def __init__(self):
         self.parts, self.token_ids, self.finish_reason = [], [], None
         self.logprobs = None          # [(log p, alternatives)] when the request asked for them
+        self.prompt_logprobs = None   # the prompt's, with echo
 
 
 async def _collect(handle) -> list:
@@ -262,6 +269,8 @@ async def _collect(handle) -> list:
             c.token_ids.append(out.token_id)
             if out.logprob is not None:
                 c.logprobs = (c.logprobs or []) + [out.logprob]
+            if out.prompt_logprobs is not None:
+                c.prompt_logprobs = out.prompt_logprobs
         c.finish_reason = out.finish_reason or c.finish_reason
     return choices
 
@@ -311,12 +320,20 @@ def _chat_body(meta, choices, prompt_tokens, token_ids: bool, tokenizer) -> dict
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
 
-def _completion_body(meta, choices, prompt_tokens, token_ids: bool, tokenizer) -> dict:
+def _completion_body(meta, choices, prompt_tokens, token_ids: bool, tokenizer, echo=None) -> dict:
+    """`echo`: (prompt text, prompt ids) per choice, put before its text and logprobs."""
+    def logprobs(i, c):
+        if c.logprobs is None:
+            return None
+        if echo is None:
+            return lpfmt.completion(tokenizer, c.token_ids, c.logprobs)
+        return lpfmt.completion(tokenizer, c.token_ids, c.logprobs, prompt_ids=echo[i][1],
+                                prompt_logprobs=c.prompt_logprobs)
+
     return {**meta, "object": "text_completion",
-            "choices": [{"index": i, "text": "".join(c.parts),
-                         "logprobs": None if c.logprobs is None else lpfmt.completion(tokenizer, c.token_ids,
-                                                                                      c.logprobs),
-                         "finish_reason": c.finish_reason, **_ids(c, token_ids)} for i, c in enumerate(choices)],
+            "choices": [{"index": i, "text": ("" if echo is None else echo[i][0]) + "".join(c.parts),
+                         "logprobs": logprobs(i, c), "finish_reason": c.finish_reason, **_ids(c, token_ids)}
+                        for i, c in enumerate(choices)],
             "usage": _usage(prompt_tokens, sum(len(c.token_ids) for c in choices))}
 
 

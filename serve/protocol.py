@@ -3,7 +3,7 @@
 Validation errors are 400 (as vLLM answers them; OpenAI's own API does too), never FastAPI's
 422: malformed JSON, a body that is not an object, a field of the wrong type, a value out of
 range. Fields we do not know are ignored, as vLLM does; fields we know but do not implement
-(echo, suffix, logit_bias, ...) are refused with 400 when set to a non-default.
+(suffix, logit_bias, echo with stream, ...) are refused with 400 when set to a non-default.
 Extensions, as vLLM spells them: `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`.
 """
 
@@ -180,8 +180,8 @@ def chat_messages(req: ChatCompletionRequest) -> list:
 
 def completion_prompts(req: CompletionRequest) -> list:
     """The prompts of a completion request: each a str or a list of token ids."""
-    if req.echo:
-        raise APIError(400, "echo is not supported by this server", param="echo")
+    if req.echo and req.stream:
+        raise APIError(400, "echo is not supported with stream; ask without stream", param="echo")
     if req.suffix:
         raise APIError(400, "suffix is not supported by this server", param="suffix")
     if req.best_of is not None and req.best_of != req.n:

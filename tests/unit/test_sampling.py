@@ -61,3 +61,22 @@ def test_logprobs_are_the_models_log_softmax_with_the_top_alternatives():
         assert [i for i, _ in top] == want.topk(3).indices.tolist() and top[0][0] == token   # greedy
         ids.append(token)
     assert model.generate(prompt, max_new_tokens=2, temperature=0).logprobs is None
+
+
+def test_prompt_logprobs_score_each_prompt_token_also_in_chunks():
+    model = ernie_hal.load("tiny-moe", device="cpu", dtype="fp32")
+    prompt = list(range(10, 50))
+    want = torch.log_softmax(model.logits(prompt).double(), -1)
+    out = model.generate(prompt, max_new_tokens=1, temperature=0, prompt_logprobs=2)
+    assert len(out.prompt_logprobs) == len(prompt) - 1
+    for j, (lp, top) in enumerate(out.prompt_logprobs):
+        assert abs(lp - want[j, prompt[j + 1]].item()) < 1e-4
+        assert [i for i, _ in top] == want[j].topk(2).indices.tolist()
+    # chunked prefill (16 tokens a step) scores the same tokens, each once
+    eng = model.engine
+    seq = eng.new_sequence(prompt, SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=0))
+    eng.ensure_kv(eng.blocks_for(len(prompt) + 1)).add_sequence(seq.seq_id)
+    while not seq.finished:
+        eng.step([seq], max_tokens=16)
+    eng.free(seq)
+    assert [lp for lp, _ in seq.prompt_logprobs] == pytest.approx([lp for lp, _ in out.prompt_logprobs], abs=1e-5)

@@ -150,6 +150,23 @@ def test_completion_logprobs_stream_equal_non_stream(client):
     assert [p.text_offset[0] for p in parts] == whole.text_offset
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client, model):
+    """lm-eval's loglikelihood request: echo, logprobs 1, max_tokens 1, temperature 0."""
+    prompt = "The quick brown fox jumps"
+    r = client.completions.create(model=NAME, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    choice = r.choices[0]
+    ids = model.encode(prompt)
+    want = model.generate(ids, max_new_tokens=1, temperature=0, logprobs=1, prompt_logprobs=1)
+    lp = choice.logprobs
+    assert choice.text == prompt + want.text
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:-1] == pytest.approx([v for v, _ in want.prompt_logprobs])
+    assert lp.token_logprobs[-1] == pytest.approx(want.logprobs[0][0])
+    assert "".join(lp.tokens) == model.tokenizer.decode(ids + want.token_ids, skip_special_tokens=False)
+    plain = client.completions.create(model=NAME, prompt=prompt, echo=True, max_tokens=2, temperature=0)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(client):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "stream me"}], max_tokens=10, temperature=0,
               extra_body={"ignore_eos": True})
@@ -278,7 +295,8 @@ BAD = [
                                                     "top_logprobs": 2}, 400, "top_logprobs", "logprobs set to true"),
     ("completion logprobs", "/v1/completions", {"prompt": "x", "logprobs": "all"}, 400, "logprobs",
      "integer between 0 and 20"),
-    ("echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+    ("echo with stream", "/v1/completions", {"prompt": "x", "echo": True, "stream": True}, 400, "echo",
+     "not supported with stream"),
     ("presence_penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty",
      "between -2 and 2"),
     ("repetition_penalty", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
