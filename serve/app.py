@@ -24,8 +24,8 @@ from ..core.scheduler import Scheduler, size_kv_cache
 from .async_engine import AsyncEngine, Job
 from .metrics import ServerMetrics
 from . import logprobs as lpfmt
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_messages, check_common,
-                       completion_prompts, logprobs_count, parse, stop_strings)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       chat_messages, check_common, completion_prompts, logprobs_count, parse, stop_strings)
 
 log = logging.getLogger("ernie_hal.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
@@ -86,6 +86,11 @@ class Server:
             prompt_logprobs=logprobs_count(req) if echo else None,
             **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])
                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
+
+    def require_tokenizer(self, param: str):
+        if self.tokenizer is None:
+            raise APIError(400, f"{self.model.path} has no tokenizer files", param=param)
+        return self.tokenizer
 
     def encode(self, prompt, param: str) -> list:
         if isinstance(prompt, list):
@@ -185,6 +190,47 @@ def create_app(server: Server) -> FastAPI:
         card = {"id": server.name, "object": "model", "created": server.created, "owned_by": "ernie-hal",
                 "max_model_len": server.max_model_len, "vocab_size": server.model.config.vocab_size}
         return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
+        try:
+            server.check_auth(request)
+            req = parse(TokenizeRequest, await request.body())
+            server.check_model(req.model)
+            tok = server.require_tokenizer("prompt")
+            if (req.prompt is None) == (req.messages is None):
+                raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+            if req.messages is not None:
+                try:
+                    text = tok.apply_chat_template(chat_messages(req), add_generation_prompt=req.add_generation_prompt)
+                except ValueError as e:
+                    raise APIError(400, str(e), param="messages") from None
+                ids = tok.encode(text, add_special_tokens=False)
+            else:
+                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        except APIError as e:
+            return error(e)
+        metrics.http_request(200)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's: {"tokens"} -> {"prompt"} (special tokens kept)."""
+        try:
+            server.check_auth(request)
+            req = parse(DetokenizeRequest, await request.body())
+            server.check_model(req.model)
+            tok = server.require_tokenizer("tokens")
+            vocab = server.model.config.vocab_size
+            bad = [t for t in req.tokens if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+            text = tok.decode(req.tokens, skip_special_tokens=False)
+        except APIError as e:
+            return error(e)
+        metrics.http_request(200)
+        return {"prompt": text}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

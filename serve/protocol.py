@@ -73,6 +73,20 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 class CompletionRequest(_Common):
     prompt: Any
     echo: bool = False

@@ -167,6 +167,21 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client, model):
     assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
 
 
+def test_tokenize_and_detokenize(url, model):
+    r = post(url, "/tokenize", {"prompt": "hello there"})
+    assert r.status_code == 200 and r.json()["tokens"] == model.encode("hello there")
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] == 2048
+    messages = [{"role": "user", "content": "hi"}]
+    chat = post(url, "/tokenize", {"messages": messages}).json()["tokens"]
+    assert chat == model.encode(messages, chat=True)
+    back = post(url, "/detokenize", {"tokens": chat})
+    assert back.status_code == 200 and back.json()["prompt"] == model.tokenizer.decode(chat, skip_special_tokens=False)
+    both = post(url, "/tokenize", {"prompt": "x", "messages": messages})
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    bad = post(url, "/detokenize", {"tokens": [99999]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+
+
 def test_streaming_equals_non_streaming_and_reports_usage(client):
     kw = dict(model=NAME, messages=[{"role": "user", "content": "stream me"}], max_tokens=10, temperature=0,
               extra_body={"ignore_eos": True})
