@@ -87,6 +87,25 @@ class Server:
             **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])
                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
+    async def read(self, request: Request, cls):
+        """The request body as `cls`, after the key and model checks (APIError otherwise)."""
+        self.check_auth(request)
+        req = parse(cls, await request.body())
+        self.check_model(req.model)
+        return req
+
+    def chat_ids(self, req, add_generation_prompt: bool = True) -> list:
+        """Token ids of a request's messages through the chat template."""
+        if self.tokenizer is None:
+            raise APIError(400, f"{self.model.path} has no tokenizer, so no chat template; "
+                                f"use /v1/completions with token ids", param="messages")
+        messages = chat_messages(req)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def require_tokenizer(self, param: str):
         if self.tokenizer is None:
             raise APIError(400, f"{self.model.path} has no tokenizer files", param=param)
@@ -195,20 +214,13 @@ def create_app(server: Server) -> FastAPI:
     async def tokenize(request: Request):
         """vLLM's: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
         try:
-            server.check_auth(request)
-            req = parse(TokenizeRequest, await request.body())
-            server.check_model(req.model)
-            tok = server.require_tokenizer("prompt")
+            req = await server.read(request, TokenizeRequest)
             if (req.prompt is None) == (req.messages is None):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
             if req.messages is not None:
-                try:
-                    text = tok.apply_chat_template(chat_messages(req), add_generation_prompt=req.add_generation_prompt)
-                except ValueError as e:
-                    raise APIError(400, str(e), param="messages") from None
-                ids = tok.encode(text, add_special_tokens=False)
+                ids = server.chat_ids(req, req.add_generation_prompt)
             else:
-                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+                ids = server.require_tokenizer("prompt").encode(req.prompt, add_special_tokens=req.add_special_tokens)
         except APIError as e:
             return error(e)
         metrics.http_request(200)
@@ -218,9 +230,7 @@ def create_app(server: Server) -> FastAPI:
     async def detokenize(request: Request):
         """vLLM's: {"tokens"} -> {"prompt"} (special tokens kept)."""
         try:
-            server.check_auth(request)
-            req = parse(DetokenizeRequest, await request.body())
-            server.check_model(req.model)
+            req = await server.read(request, DetokenizeRequest)
             tok = server.require_tokenizer("tokens")
             vocab = server.model.config.vocab_size
             bad = [t for t in req.tokens if not 0 <= t < vocab]
@@ -235,19 +245,9 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            server.check_auth(request)
-            req = parse(ChatCompletionRequest, await request.body())
-            server.check_model(req.model)
+            req = await server.read(request, ChatCompletionRequest)
             check_common(req)
-            if server.tokenizer is None:
-                raise APIError(400, f"{server.model.path} has no tokenizer, so no chat template; "
-                                    f"use /v1/completions with token ids", param="messages")
-            messages = chat_messages(req)
-            try:
-                text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from None
-            ids = server.tokenizer.encode(text, add_special_tokens=False)
+            ids = server.chat_ids(req)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = server.sampling(req, max_tokens, len(ids), None, "messages")
             handle = server.submit([Job(ids, params, req.n, tuple(stop_strings(req.stop)))], "messages")
@@ -265,9 +265,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            server.check_auth(request)
-            req = parse(CompletionRequest, await request.body())
-            server.check_model(req.model)
+            req = await server.read(request, CompletionRequest)
             check_common(req)
             prompts = [server.encode(p, "prompt") for p in completion_prompts(req)]
             stop = tuple(stop_strings(req.stop))
