@@ -68,15 +68,19 @@ class StepTimes:
 
 class Engine:
     def __init__(self, model: ErnieModel, stop_token_ids=(), max_model_len: int | None = None,
-                 block_size: int = 16, graphs: bool = True, graph_max_batch: int = 64):
+                 block_size: int = 16, graphs: bool = True, graph_max_batch: int = 64,
+                 prefix_caching: bool = False):
         """`graphs`: replay decode steps from captured device graphs where the backend and the
-        weight store allow it (core/decode_graphs.py); False keeps every step eager."""
+        weight store allow it (core/decode_graphs.py); False keeps every step eager.
+        `prefix_caching`: sequences admitted with `admit` share the cached KV blocks of a
+        common prefix (core/prefix_cache.py)."""
         self.model = model
         self.config = model.config
         self.stop_token_ids = tuple(stop_token_ids) or (self.config.eos_token_id,)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.kv: KVCache | None = None
         self._ids = itertools.count()
         why_not = "turned off (eager)" if not graphs else graphs_unavailable(model.backend, model.weights)
@@ -98,7 +102,8 @@ class Engine:
             c, b = self.config, self.model.backend
             extra = 1 if self.graphs is not None else 0
             self.kv = KVCache(c.num_hidden_layers, num_blocks + extra, self.block_size, c.num_key_value_heads,
-                              c.head_dim, self.model.dtype, b.device, alloc=b.alloc)
+                              c.head_dim, self.model.dtype, b.device, alloc=b.alloc,
+                              prefix_caching=self.prefix_caching)
             if self.graphs is not None:
                 self.graphs.bind(self.kv)
         return self.kv
@@ -162,6 +167,8 @@ class Engine:
         out = []
         for s, n in zip(taken, counts):
             s.num_computed += n
+            if kv.needs_commit(s.seq_id):      # blocks filled this step become shareable
+                kv.commit(s.seq_id, s.all_ids)
         if logits is not None:
             logits = logits.cpu()
             for row, i in enumerate(ready):
@@ -186,6 +193,14 @@ class Engine:
                 if pos + 1 < len(s.prompt_ids) and len(s.prompt_logprobs) == pos:
                     s.prompt_logprobs.append(token_logprobs(logits[starts[i] + j], s.prompt_ids[pos + 1],
                                                             s.params.prompt_logprobs))
+
+    def admit(self, s: Sequence) -> int:
+        """Register `s` in the KV cache, reusing cached blocks of its prefix where prefix caching
+        is on (not when its prompt is to be scored: every position must then be computed).
+        Returns the tokens found cached; they count as computed."""
+        share = self.prefix_caching and s.params.prompt_logprobs is None
+        s.num_computed = self.kv.add_sequence(s.seq_id, s.all_ids if share else None)
+        return s.num_computed
 
     def free(self, s: Sequence) -> None:
         """Return a sequence's KV blocks (finished, aborted or preempted); safe to call twice."""

@@ -1,7 +1,8 @@
 """Block-based (paged) KV cache: device-neutral bookkeeping plus the per-layer tensors.
 
 Each layer holds k[layer], v[layer] of shape [num_blocks, block_size, nkv, head_dim]. A
-sequence owns a list of blocks; token p of a sequence lives at flat slot
+sequence holds a list of blocks (its leading full blocks possibly shared with other sequences
+of the same prefix: core/prefix_cache.py); token p of a sequence lives at flat slot
 blocks[p // block_size] * block_size + p % block_size. `prepare` reserves room for one step
 of a batch and returns the AttentionMetadata the attention ops take.
 """
@@ -12,37 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class KVCacheFullError(RuntimeError):
-    """Not enough free blocks for a reservation."""
-
-
-class BlockAllocator:
-    """Free list of block ids; lowest ids first, so sequences stay mostly contiguous."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))   # pop() from the end -> 0, 1, 2, ...
-        self._used: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise KVCacheFullError(f"KV cache full: {n} blocks asked, {len(self._free)} free "
-                                   f"of {self.num_blocks}")
-        blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
-        return blocks
-
-    def free(self, blocks) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise ValueError(f"block {b} freed twice or never allocated")
-            self._used.remove(b)
-            self._free.append(b)
+from .prefix_cache import BlockPool, KVCacheFullError  # noqa: F401 - KVCacheFullError is public here
 
 
 @dataclass
@@ -61,7 +32,7 @@ class AttentionMetadata:
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, alloc=None):
+                 head_dim: int, dtype: torch.dtype, device, alloc=None, prefix_caching: bool = False):
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
@@ -77,9 +48,10 @@ class KVCache:
         self.v = [make() for _ in range(num_layers)]
         self.nbytes = num_blocks * self.bytes_per_block(num_layers, block_size, num_kv_heads,
                                                         head_dim, dtype)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, caching=prefix_caching)
         self._blocks: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
+        self._named: dict[int, tuple] = {}     # seq -> (full blocks named so far, last block's hash)
 
     # ---- sizing --------------------------------------------------------------------------
     @staticmethod
@@ -96,14 +68,35 @@ class KVCache:
         return max(0, int(budget_bytes) // per)
 
     # ---- sequences -----------------------------------------------------------------------
-    def add_sequence(self, seq_id: int) -> None:
+    def add_sequence(self, seq_id: int, tokens=None) -> int:
+        """Register a sequence. With prefix caching and its `tokens`, the cached full blocks its
+        tokens start with become its first blocks; returns how many tokens they hold (0 without)."""
         if seq_id in self._lens:
             raise ValueError(f"sequence {seq_id} already in the KV cache")
-        self._blocks[seq_id], self._lens[seq_id] = [], 0
+        blocks, parent = self.allocator.match(tokens, self.block_size) if tokens is not None else ([], None)
+        self._blocks[seq_id], self._lens[seq_id] = blocks, len(blocks) * self.block_size
+        self._named[seq_id] = (len(blocks), parent)
+        return self._lens[seq_id]
+
+    def commit(self, seq_id: int, tokens) -> None:
+        """Name the sequence's blocks that are full now (`tokens`: its ids, at least as many as
+        are cached), so later sequences with the same prefix can share them."""
+        if not self.allocator.caching:
+            return
+        done, parent = self._named[seq_id]
+        full, bs = self._lens[seq_id] // self.block_size, self.block_size
+        blocks = self._blocks[seq_id]
+        for i in range(done, full):
+            parent = self.allocator.name(blocks[i], parent, tokens[i * bs:(i + 1) * bs])
+        self._named[seq_id] = (max(done, full), parent)
+
+    def needs_commit(self, seq_id: int) -> bool:
+        return self.allocator.caching and self._lens[seq_id] // self.block_size > self._named[seq_id][0]
 
     def free_sequence(self, seq_id: int) -> None:
         self.allocator.free(self._blocks.pop(seq_id))
         del self._lens[seq_id]
+        del self._named[seq_id]
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._lens

@@ -141,7 +141,7 @@ class Scheduler:
         return {"num_waiting": len(self.waiting) + len(self._inbox), "num_running": len(self.running),
                 "kv_blocks_total": kv.num_blocks, "kv_blocks_free": kv.num_free_blocks,
                 "kv_usage": kv.usage(), "num_preemptions": self.num_preemptions,
-                "num_steps": self.num_steps}
+                "num_steps": self.num_steps, **kv.allocator.stats()}
 
     # ---- engine thread ----------------------------------------------------------------------
     def step(self) -> list:
@@ -316,7 +316,10 @@ class Scheduler:
             if whole + promised + margin > free:
                 break
             self.waiting.popleft()
-            kv.add_sequence(s.seq_id)
+            before = kv.num_free_blocks
+            self.engine.admit(s)               # cached prefix blocks count as computed
+            free -= before - kv.num_free_blocks   # idle cached blocks it took were counted free
+            whole = self._new_blocks(s, s.num_pending)
             self.running.append(s)
             n = min(s.num_pending, budget)
             plan.append((s, n))

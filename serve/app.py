@@ -144,11 +144,13 @@ def generation_defaults(path) -> dict:
 def build_server(model, served_model_name: str | None = None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 kv_cache_fraction: float = 0.5, block_size: int = 16, api_key: str | None = None) -> Server:
+                 kv_cache_fraction: float = 0.5, block_size: int = 16, api_key: str | None = None,
+                 prefix_caching: bool = True) -> Server:
     """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model."""
     stops = model.tokenizer.stop_token_ids if model.tokenizer else ()
     engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size,
-                    graphs=not getattr(model, "eager", False), graph_max_batch=max_num_seqs)
+                    graphs=not getattr(model, "eager", False), graph_max_batch=max_num_seqs,
+                    prefix_caching=prefix_caching)
     size_kv_cache(engine, max_num_seqs, num_blocks=num_kv_blocks, memory=kv_cache_memory,
                   fraction=kv_cache_fraction)
     if engine.graphs is not None:   # capture before serving, so no request waits for a capture

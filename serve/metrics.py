@@ -116,6 +116,10 @@ class ServerMetrics(Observer):
                [f"{p}kv_cache_usage_ratio {stats['kv_usage']}"])
         metric("kv_cache_free_blocks", "gauge", "Free KV-cache blocks.", [f"{p}kv_cache_free_blocks {stats['kv_blocks_free']}"])
         metric("kv_cache_blocks", "gauge", "KV-cache blocks in all.", [f"{p}kv_cache_blocks {stats['kv_blocks_total']}"])
+        metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               [f"{p}prefix_cache_queries_total {stats.get('prefix_cache_queries', 0)}"])
+        metric("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache (not recomputed).",
+               [f"{p}prefix_cache_hits_total {stats.get('prefix_cache_hits', 0)}"])
         metric("time_to_first_token_seconds", "histogram", "Time from arrival to the first token of a choice.",
                self.ttft.lines(f"{p}time_to_first_token_seconds"))
         metric("inter_token_latency_seconds", "histogram", "Time between consecutive tokens of a choice.",

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--kv-cache-fraction", type=float, default=0.5,
                    help="cap of the default KV-cache size, as a fraction of free device memory (default 0.5)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share the KV blocks of a common prompt prefix between requests")
     add_load_flags(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
@@ -53,7 +55,8 @@ def run(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
-        kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size, api_key=args.api_key)
+        kv_cache_fraction=args.kv_cache_fraction, block_size=args.block_size, api_key=args.api_key,
+        prefix_caching=not args.no_prefix_caching)
     kv = server.engine.scheduler.kv
     info = model.backend.info
     note = " (random weights, the text is noise)" if model.random_weights else ""

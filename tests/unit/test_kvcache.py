@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ernie_hal.core.kvcache import (AttentionMetadata, BlockAllocator, KVCache,
-                                    KVCacheFullError)
+from ernie_hal.core.kvcache import AttentionMetadata, KVCache, KVCacheFullError
+from ernie_hal.core.prefix_cache import BlockPool
 from ernie_hal.kernels.reference import gqa_attention, kv_cache_write, rope
 
 NH, NKV, D, THETA = 4, 2, 16, 10000.0
@@ -13,7 +13,7 @@ NH, NKV, D, THETA = 4, 2, 16, 10000.0
 # ---- bookkeeping ----------------------------------------------------------------------------
 
 def test_allocator_allocate_free_and_full():
-    a = BlockAllocator(4)
+    a = BlockPool(4)
     assert a.allocate(3) == [0, 1, 2] and a.num_free == 1
     with pytest.raises(KVCacheFullError, match="2 blocks asked, 1 free"):
         a.allocate(2)
@@ -22,6 +22,41 @@ def test_allocator_allocate_free_and_full():
     with pytest.raises(ValueError, match="freed twice"):
         a.free([1, 1])
     assert issubclass(KVCacheFullError, RuntimeError)
+
+
+def test_prefix_blocks_are_shared_kept_when_idle_and_evicted_last():
+    pool = BlockPool(4, caching=True)
+    a = pool.allocate(2)
+    parent = pool.name(a[0], None, [1, 2])
+    pool.name(a[1], parent, [3, 4])
+    blocks, _ = pool.match([1, 2, 3, 4, 5], 2)            # two full blocks of the five tokens
+    assert blocks == a and pool.hits == 4
+    assert pool.match([1, 2, 3, 4], 2)[0] == a[:1]           # one token must stay to compute
+    pool.free(a + a + a[:1])                                 # every holder lets go
+    assert pool.num_free == 4                                # idle named blocks count as free
+    assert pool.match([9, 9, 9], 2)[0] == []                 # another prefix: nothing shared
+    assert pool.match([1, 2, 7], 2)[0] == a[:1]              # idle blocks come back with their names
+    pool.free(a[:1])
+    fresh = pool.allocate(2)                                 # plain free blocks go first ...
+    assert set(fresh).isdisjoint(a)
+    assert pool.allocate(1) == [a[1]] and pool.match([1, 2, 3, 4, 5], 2)[0] == a[:1]   # ... then LRU
+    off = BlockPool(2)
+    off.name(off.allocate(1)[0], None, [1, 2])
+    assert off.match([1, 2, 3], 2)[0] == [] and off.stats()["prefix_cache_blocks"] == 0
+
+
+def test_cache_commit_names_full_blocks_for_the_next_sequence():
+    kv = make_cache(num_blocks=8, block_size=4, prefix_caching=True)
+    tokens = list(range(11))
+    kv.add_sequence(1, tokens)
+    kv.prepare([1], [11])
+    assert kv.needs_commit(1)
+    kv.commit(1, tokens)
+    assert not kv.needs_commit(1)
+    assert kv.add_sequence(2, tokens[:9] + [99, 98]) == 8 and kv.blocks(2) == kv.blocks(1)[:2]
+    kv.free_sequence(1)
+    kv.free_sequence(2)
+    assert kv.num_free_blocks == 8
 
 
 def make_cache(num_blocks=16, block_size=4, layers=1, **kw):

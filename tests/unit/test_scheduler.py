@@ -21,8 +21,8 @@ def greedy(n):
     return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
 
 
-def make(model, num_blocks, max_num_seqs=8, max_num_batched_tokens=64):
-    engine = Engine(model.model, block_size=16)
+def make(model, num_blocks, max_num_seqs=8, max_num_batched_tokens=64, prefix_caching=False):
+    engine = Engine(model.model, block_size=16, prefix_caching=prefix_caching)
     engine.ensure_kv(num_blocks)
     return engine, Scheduler(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
 
@@ -181,3 +181,37 @@ def test_budget_must_cover_one_decode_per_sequence(model):
     engine.ensure_kv(8)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(engine, max_num_seqs=16, max_num_batched_tokens=8)
+
+
+def test_prefix_caching_under_preemption_gives_the_same_tokens(model):
+    """8 prompts sharing a 40-token prefix in a cache that forces preemption: shared blocks,
+    evictions and re-admissions change no token, and every block comes back."""
+    engine, sched = make(model, num_blocks=12, prefix_caching=True)
+    common = list(range(100, 140))
+    prompts = [common + list(range(10 + i, 18 + i)) for i in range(8)]
+    seqs = [submit(engine, sched, f"r{i}", p, 30) for i, p in enumerate(prompts)]
+    drain(sched)
+    assert sched.num_preemptions > 0
+    stats = sched.stats()
+    assert stats["prefix_cache_hits"] >= 7 * 32            # 2 full blocks of the prefix, reused
+    assert engine.kv.num_free_blocks == 12
+    for p, s in zip(prompts, seqs):
+        assert s.output_ids == model.generate(p, max_new_tokens=30, temperature=0, ignore_eos=True).token_ids
+
+
+def test_a_repeated_prompt_is_computed_once(model):
+    engine, sched = make(model, num_blocks=32, prefix_caching=True)
+    prompt = list(range(200, 250))                          # 50 tokens: 3 full blocks
+    first = submit(engine, sched, "a", prompt, 4)
+    drain(sched)
+    steps = sched.num_steps
+    second = submit(engine, sched, "b", prompt, 4)
+    sched.step()                                            # admission + the one uncached token
+    assert sched.stats()["prefix_cache_hits"] == 48 and second.num_computed == 50 and second.output_ids
+    drain(sched)
+    assert second.output_ids == first.output_ids and sched.num_steps - steps == 4
+    # a prompt whose every token is cached still computes its last one (its logits are needed)
+    third = submit(engine, sched, "c", prompt[:48], 2)
+    drain(sched)
+    assert third.output_ids == model.generate(prompt[:48], max_new_tokens=2, temperature=0,
+                                              ignore_eos=True).token_ids

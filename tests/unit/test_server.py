@@ -167,6 +167,16 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(client, model):
     assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
 
 
+def test_prefix_cache_serves_a_repeated_prompt_from_cached_blocks(client, url, model):
+    prompt = list(range(300, 380))                           # 80 tokens: 4 full blocks shareable
+    before = metrics(url)["ernie_hal_prefix_cache_hits_total"]
+    got = [client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+           .choices[0].model_extra["token_ids"] for _ in range(2)]
+    assert metrics(url)["ernie_hal_prefix_cache_hits_total"] - before >= 64
+    assert got[0] == got[1] == model.generate(prompt, max_new_tokens=5, temperature=0, ignore_eos=True).token_ids
+
+
 def test_tokenize_and_detokenize(url, model):
     r = post(url, "/tokenize", {"prompt": "hello there"})
     assert r.status_code == 200 and r.json()["tokens"] == model.encode("hello there")
