@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--random-input-len", type=int, default=256)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=1.0, help="1.0 = fixed lengths (default here)")
+    p.add_argument("--random-prefix-len", type=int, default=0, help="a prefix shared by every prompt")
     p.add_argument("--request-rate", type=float, default=float("inf"))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output", default=None)
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
             load_before = os.getloadavg()[0]
             report = bench_serving(url, num_prompts=n, random_input_len=args.random_input_len,
                                    random_output_len=args.random_output_len,
-                                   random_range_ratio=args.random_range_ratio, request_rate=args.request_rate,
+                                   random_range_ratio=args.random_range_ratio,
+                                   random_prefix_len=args.random_prefix_len, request_rate=args.request_rate,
                                    max_concurrency=c, seed=args.seed)
             # other work on the machine skews CPU numbers: keep the 1-minute load average beside them
             report["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]

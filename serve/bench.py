@@ -43,16 +43,18 @@ class RequestResult:
 
 # ---- inputs -------------------------------------------------------------------------------------
 def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                    seed: int) -> list:
+                    seed: int, prefix_len: int = 0) -> list:
     """[(token ids, output length)] as SGLang's random dataset draws lengths: uniform in
-    [max(len * range_ratio, 1), len]."""
+    [max(len * range_ratio, 1), len]. `prefix_len` tokens, the same for every request, come
+    first (vLLM's --random-prefix-len: a shared system prompt)."""
     rng = random.Random(seed)
     low = min(1000, vocab_size // 2)       # keep clear of the special tokens at the bottom of a vocabulary
+    prefix = [rng.randrange(low, vocab_size) for _ in range(prefix_len)]
     out = []
     for _ in range(num_prompts):
         n_in = rng.randint(max(int(input_len * range_ratio), 1), input_len)
         n_out = rng.randint(max(int(output_len * range_ratio), 1), output_len)
-        out.append(([rng.randrange(low, vocab_size) for _ in range(n_in)], n_out))
+        out.append((prefix + [rng.randrange(low, vocab_size) for _ in range(n_in)], n_out))
     return out
 
 
@@ -230,6 +232,7 @@ def served_model(base_url: str, api_key: str | None) -> dict:
 
 def bench_serving(base_url: str, model: str | None = None, dataset: str = "random", num_prompts: int = 100,
                   random_input_len: int = 1024, random_output_len: int = 1024, random_range_ratio: float = 0.0,
+                  random_prefix_len: int = 0,
                   request_rate: float = float("inf"), max_concurrency: int | None = None, seed: int = 1,
                   api_key: str | None = None, vocab_size: int | None = None, allow_remote: bool = False,
                   progress: bool = True) -> dict:
@@ -241,14 +244,15 @@ def bench_serving(base_url: str, model: str | None = None, dataset: str = "rando
     card = served_model(base_url, api_key)
     model = model or card["id"]
     vocab = vocab_size or card.get("vocab_size") or 32000
-    requests = random_requests(num_prompts, random_input_len, random_output_len, random_range_ratio, vocab, seed)
+    requests = random_requests(num_prompts, random_input_len, random_output_len, random_range_ratio, vocab, seed,
+                               random_prefix_len)
     results, duration = asyncio.run(run_benchmark(base_url, model, requests, request_rate, max_concurrency,
                                                   api_key, seed, progress=progress))
     report = {"backend": "ernie-hal", "base_url": base_url, "model": model, "dataset_name": dataset,
               "request_rate": request_rate if request_rate != float("inf") else "inf",
               "max_concurrency": max_concurrency, "num_prompts": num_prompts,
               "random_input_len": random_input_len, "random_output_len": random_output_len,
-              "random_range_ratio": random_range_ratio, "seed": seed,
+              "random_range_ratio": random_range_ratio, "random_prefix_len": random_prefix_len, "seed": seed,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report.update(compute_metrics(results, duration))
     return report

@@ -26,6 +26,8 @@ def add_serving_arguments(s) -> None:
     s.add_argument("--random-output-len", type=int, default=1024)
     s.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths are uniform in [len * ratio, len] as in SGLang (default 0.0; 1.0 = fixed lengths)")
+    s.add_argument("--random-prefix-len", type=int, default=0,
+                   help="tokens of one shared prefix before every prompt (as vLLM's; a system prompt)")
     s.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests per second, Poisson arrivals (default inf: all at once)")
     s.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
@@ -40,7 +42,8 @@ def run(args) -> int:
     from ...serve.bench import bench_serving, format_report, save_json
     report = bench_serving(args.base_url, model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
                            random_input_len=args.random_input_len, random_output_len=args.random_output_len,
-                           random_range_ratio=args.random_range_ratio, request_rate=args.request_rate,
+                           random_range_ratio=args.random_range_ratio, random_prefix_len=args.random_prefix_len,
+                           request_rate=args.request_rate,
                            max_concurrency=args.max_concurrency, seed=args.seed, api_key=args.api_key,
                            allow_remote=args.allow_remote)
     print(format_report(report))

@@ -429,6 +429,16 @@ def test_cli_serve_then_bench_serving(tmp_path):
                     "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2e_latency_ms",
                     "median_e2e_latency_ms", "p99_e2e_latency_ms"):
             assert report[key] > 0, key
+        before = metrics(base)["ernie_hal_prefix_cache_hits_total"]
+        shared = subprocess.run([sys.executable, "-m", "ernie_hal", "bench", "serving", "--base-url", base,
+                                 "--random-prefix-len", "48", "--random-input-len", "8", "--random-output-len", "4",
+                                 "--random-range-ratio", "1.0", "--num-prompts", "4", "--max-concurrency", "1",
+                                 "--output", str(out)], capture_output=True, text=True, timeout=120)
+        assert shared.returncode == 0, shared.stderr
+        report = json.loads(out.read_text())
+        assert report["total_input_tokens"] == 4 * 56 and report["random_prefix_len"] == 48
+        # one at a time: requests 2..4 find the 3 full blocks of the shared prefix cached
+        assert metrics(base)["ernie_hal_prefix_cache_hits_total"] - before >= 3 * 48
         refused = subprocess.run([sys.executable, "-m", "ernie_hal", "bench", "serving", "--base-url",
                                   "http://192.0.2.1:8000", "--num-prompts", "1"], capture_output=True, text=True)
         assert refused.returncode == 2 and "loopback" in refused.stderr
