@@ -131,15 +131,16 @@ class Model:
                  ignore_eos: bool = False, on_token=None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
                  prompt_logprobs: int | None = None):
-        """Text (or token-id lists) in, Completion(s) out: one for a single prompt, a list for a list.
+        """Text, token ids, or (with chat=True) a conversation as a list of {"role", "content"}
+        messages in; Completion(s) out: one for a single prompt, a list for a list of them.
         temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced.
         Penalties: presence and frequency (OpenAI's, on generated tokens), repetition (Hugging
         Face's, on prompt and generated tokens); they apply to greedy decoding too. `logprobs=k`
         adds each token's log-probability under the model (before penalties and temperature) and
         its k most likely alternatives; `prompt_logprobs=k` the same for the prompt's tokens (each
         scored by the positions before it: what evaluation harnesses call loglikelihood)."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
-                                              all(isinstance(t, int) for t in prompts))
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and (
+            all(isinstance(t, int) for t in prompts) or all(isinstance(m, dict) for m in prompts)))
         batch = [prompts] if single else list(prompts)
         ids = [self.encode(p, chat=chat) for p in batch]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -56,6 +56,7 @@ class StepTimes:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    cached_tokens: int = 0          # prompt tokens found in the prefix cache (not computed)
 
     def as_dict(self) -> dict:
         return {
@@ -63,6 +64,7 @@ class StepTimes:
             "prefill_tokens_per_s": self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0,
             "decode_tokens": self.decode_tokens, "decode_seconds": self.decode_seconds,
             "decode_tokens_per_s": self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0,
+            "prefix_cached_tokens": self.cached_tokens,
         }
 
 
@@ -94,10 +96,13 @@ class Engine:
 
     # ---- KV cache ---------------------------------------------------------------------------
     def ensure_kv(self, num_blocks: int) -> KVCache:
-        """A cache with at least `num_blocks` free blocks (reallocated when too small and idle).
-        With decode graphs, one more block is the scratch block of padded batch rows."""
+        """A cache with at least `num_blocks` free blocks (reallocated when too small and idle,
+        then to twice the old size where that is at most twice what is asked, so a growing
+        conversation reallocates, and drops its cached prefixes, rarely). With decode graphs,
+        one more block is the scratch block of padded batch rows."""
         if self.kv is None or self.kv.num_free_blocks < num_blocks:
             if self.kv is not None:
+                num_blocks = max(num_blocks, min(2 * self.kv.num_blocks, 2 * num_blocks))
                 self.model.backend.release(self.kv.nbytes)
             c, b = self.config, self.model.backend
             extra = 1 if self.graphs is not None else 0
@@ -230,7 +235,7 @@ class Engine:
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         times = StepTimes()
         for s in seqs:
-            kv.add_sequence(s.seq_id)
+            times.cached_tokens += self.admit(s)
         try:
             running = list(seqs)
             first = True
@@ -239,7 +244,7 @@ class Engine:
                 produced = self.step(running)
                 dt = time.perf_counter() - t0
                 if first:
-                    times.prefill_tokens += sum(len(s.prompt_ids) for s in seqs)
+                    times.prefill_tokens += sum(len(s.prompt_ids) for s in seqs) - times.cached_tokens
                     times.prefill_seconds += dt
                     first = False
                 else:

@@ -33,7 +33,7 @@ def cli():
     """Runs `python -m ernie_hal ARGS` as a user would, in a subprocess, with the test cache."""
     import subprocess
 
-    def run(args, timeout=300, env=None):
+    def run(args, timeout=300, env=None, input=None):
         return subprocess.run([sys.executable, "-m", "ernie_hal", *args], env=env or dict(os.environ),
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, input=input)
     return run

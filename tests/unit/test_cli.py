@@ -1,6 +1,7 @@
 """The CLI as a user runs it (subprocess): devices, generate, make-checkpoint, bad input."""
 
 import json
+import re
 
 
 def test_devices_json_lists_every_builtin_with_reason_or_smoke_test(cli):
@@ -59,3 +60,13 @@ def test_make_checkpoint_then_generate(cli, tmp_path):
     gen = cli(["generate", "x", "--model", str(dest), "--device", "cpu", "--max-new-tokens", "3",
                    "--temperature", "0", "--json"])
     assert gen.returncode == 0, gen.stderr
+
+
+def test_chat_keeps_the_conversation_and_reuses_earlier_turns(cli):
+    turns = "hello there\nhow are you\n/reset\nhello there\n/exit\n"
+    out = cli(["chat", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0"], input=turns)
+    assert out.returncode == 0, out.stderr
+    replies = out.stdout.splitlines()
+    assert len(replies) == 3 and replies[0] == replies[2]        # after /reset: the same first turn
+    computed, reused = (int(w) for w in re.findall(r"(\d+) computed, (\d+) reused", out.stderr)[0])
+    assert reused > 0 and computed > 0

@@ -83,3 +83,12 @@ def test_metrics_are_reported(model):
     m = model.generate("metrics", max_new_tokens=4, temperature=0, ignore_eos=True).metrics
     assert m["prefill_tokens"] > 0 and m["decode_tokens"] == 3
     assert m["peak_rss_bytes"] >= m["rss_before_load_bytes"] > 0
+
+
+def test_kv_cache_grows_to_twice_its_size_when_too_small(model):
+    from ernie_hal.core.engine import Engine
+    eng = Engine(model.model)                       # cpu: no decode graphs, no scratch block
+    assert eng.ensure_kv(4).num_blocks == 4
+    assert eng.ensure_kv(5).num_blocks == 8         # twice the old size, not just the 5 asked
+    assert eng.ensure_kv(8).num_blocks == 8         # fits: kept
+    assert eng.ensure_kv(100).num_blocks == 100     # doubling would not be enough: what is asked
