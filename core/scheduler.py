@@ -264,6 +264,17 @@ class Scheduler:
         ctx, bs = self.kv.context_len(s.seq_id), self.block_size
         return (-(-ctx // bs) + free) * bs - ctx
 
+    def _leader_prefilling(self, s: Sequence) -> bool:
+        """With prefix caching, the other choices of an n > 1 request wait (a step or a few)
+        while its first choice prefills their common prompt, then find it cached: one prefill
+        for all n instead of n."""
+        if not self.engine.prefix_caching or s.params.prompt_logprobs is not None:
+            return False
+        request, index = self._owner[s.seq_id]
+        leader = request.seqs[0]
+        return (index > 0 and leader in self.running and leader.prompt_ids == s.prompt_ids
+                and len(s.prompt_ids) > self.block_size and leader.num_computed < len(leader.prompt_ids))
+
     def _preempt_newest(self) -> None:
         s = self.running.pop()
         self.engine.preempt(s)
@@ -311,6 +322,8 @@ class Scheduler:
         # 3. admit from the head of the queue while its whole prompt fits
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             s = self.waiting[0]
+            if self._leader_prefilling(s):
+                break                          # its prompt's blocks are about to be cached: share them
             whole = self.engine.blocks_for(len(s.all_ids))
             margin = self.watermark if self.running else 0
             if whole + promised + margin > free:

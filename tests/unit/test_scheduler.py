@@ -215,3 +215,14 @@ def test_a_repeated_prompt_is_computed_once(model):
     drain(sched)
     assert third.output_ids == model.generate(prompt[:48], max_new_tokens=2, temperature=0,
                                               ignore_eos=True).token_ids
+
+
+def test_n_choices_prefill_their_prompt_once(model):
+    engine, sched = make(model, num_blocks=64, max_num_batched_tokens=32, prefix_caching=True)
+    prompt = list(range(400, 480))                          # 80 tokens: 4 full blocks to share
+    seqs = [engine.new_sequence(prompt, greedy(6)) for _ in range(4)]
+    sched.add(Request("n4", seqs))
+    drain(sched)
+    assert sched.stats()["prefix_cache_hits"] == 3 * 64     # choices 2..4 found the first's prompt
+    want = model.generate(prompt, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+    assert all(s.output_ids == want for s in seqs)
