@@ -101,14 +101,14 @@ class Model:
     """A loaded model: `generate` for text, `logits` for parity checks."""
 
     def __init__(self, path, config, backend, dtype, model: ErnieModel, tokenizer, random_weights,
-                 rss_before_load, plan=None, eager: bool = False):
+                 rss_before_load, plan=None, eager: bool = False, prefix_caching: bool = False):
         self.path, self.config, self.backend, self.dtype = path, config, backend, dtype
         self.model, self.tokenizer, self.random_weights = model, tokenizer, random_weights
         self.rss_before_load = rss_before_load
         self.plan = plan              # placement.Plan: where every weight lives
         self.eager = eager            # True: no decode graphs, every step launched op by op
         self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else (),
-                             graphs=not eager)
+                             graphs=not eager, prefix_caching=prefix_caching)
 
     @property
     def kernels(self) -> dict:
@@ -201,7 +201,7 @@ OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
 def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtype="auto",
          allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
          offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
-         expert_stats: dict | None = None, eager: bool = False) -> Model:
+         expert_stats: dict | None = None, eager: bool = False, prefix_caching: bool = False) -> Model:
     """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
     default). `device` is a request ("auto", "rocm:1", ...) or a Backend object already built
     (pick_device's answer, or an emulated one). `progress(done_bytes, total_bytes)` is called
@@ -215,7 +215,9 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     expert): uses} picks the resident experts (Model.model.weights.expert_stats() gives one).
 
     Decode steps replay captured device graphs where the backend can capture them and every
-    weight is resident; `eager=True` turns that off (`Model.engine.decode_graphs` says which)."""
+    weight is resident; `eager=True` turns that off (`Model.engine.decode_graphs` says which).
+    `prefix_caching=True`: `generate` calls reuse the KV blocks of prompt prefixes that earlier
+    calls computed (a conversation's earlier turns; the server has its own engine, on by default)."""
     device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
     host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
     offload = OFFLOAD_ALIASES.get(offload.lower() if isinstance(offload, str) else offload, offload)
@@ -254,4 +256,4 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
                                    cache_policy=expert_cache)
     tokenizer = _load_tokenizer(path)
     return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
-                 tokenizer, random_weights, rss_before, plan=plan, eager=eager)
+                 tokenizer, random_weights, rss_before, plan=plan, eager=eager, prefix_caching=prefix_caching)

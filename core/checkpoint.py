@@ -17,6 +17,7 @@ import zlib
 import torch
 
 from . import names as N
+from .atomic import write_json
 from .config import DTYPE_NAMES, ModelConfig
 from .weights import DTYPE_TO_SAFETENSORS, INDEX, SINGLE
 
@@ -115,8 +116,8 @@ def write_random_checkpoint(config: ModelConfig, out_dir: str, seed: int = 0, dt
     staging = _sibling(out_dir, "tmp")
     os.mkdir(staging)     # not mkdtemp: its 0700 mode would become the checkpoint's
     try:
-        _write_json(os.path.join(staging, "config.json"), config.to_hf_dict())
-        _write_json(os.path.join(staging, "generation_config.json"),
+        write_json(os.path.join(staging, "config.json"), config.to_hf_dict())
+        write_json(os.path.join(staging, "generation_config.json"),
                     {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                      "pad_token_id": config.pad_token_id})
         files = [SINGLE] if len(shards) == 1 else [
@@ -125,7 +126,7 @@ def write_random_checkpoint(config: ModelConfig, out_dir: str, seed: int = 0, dt
             _write_shard(os.path.join(staging, fname), entries, seed, progress)
         if len(shards) > 1:
             weight_map = {e[0]: f for f, s in zip(files, shards) for e in s}
-            _write_json(os.path.join(staging, INDEX), {
+            write_json(os.path.join(staging, INDEX), {
                 "metadata": {"total_size": total},
                 "weight_map": {n: weight_map[n] for n in tensors}})
         _move_into_place(staging, out_dir)
@@ -143,12 +144,6 @@ def _write_shard(path: str, entries: list[tuple], seed: int, progress) -> None:
                 f.write(part.view(torch.uint8).numpy())   # buffer protocol: no bytes() copy
                 if progress is not None:
                     progress(part.numel() * dtype.itemsize)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _sibling(out_dir: str, tag: str) -> str:

@@ -377,12 +377,6 @@ PROMPTS = ([3, 17, 101, 5, 250, 9, 77, 12, 400], [8, 2, 511, 64, 33])   # ragged
 DECODE = ([21, 7], [300, 45])                                         # then two decode steps
 
 
-def load_on(backend, path: str, dtype: torch.dtype):
-    """The model as ernie_hal.load builds it for a Backend object (an emulated one included)."""
-    from .api import load
-    return load(path, device=backend, dtype=dtype).model
-
-
 @torch.inference_mode()
 def model_logits(model) -> torch.Tensor:
     """float32 logits of a ragged prefill of PROMPTS then two decode steps, rows concatenated."""
@@ -405,11 +399,12 @@ def model_logits(model) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _oracle_logits(path: str) -> torch.Tensor:
     from .registry import get_registry
-    reg = get_registry()
-    return model_logits(load_on(reg.pick("cpu"), path, torch.float32))
+    from .api import load
+    return model_logits(load(path, device=get_registry().pick("cpu"), dtype=torch.float32).model)
 
 
 def run_model(registry, backend, preset: str, dtype: torch.dtype, forced: bool = False) -> Result:
+    from .api import load
     from .defaults import random_model_path
     row = dict(backend=backend.name, device=backend.info.name, op="model", dtype=dtype_name(dtype),
                shape=f"{preset}: ragged prefill + 2 decode steps")
@@ -418,7 +413,7 @@ def run_model(registry, backend, preset: str, dtype: torch.dtype, forced: bool =
         return Result(**row, status="skip", max_error=None, reason=why)
     path = random_model_path(preset)
     try:
-        model = load_on(backend, path, dtype)
+        model = load(path, device=backend, dtype=dtype).model
         got = model_logits(model)
     except Exception as e:
         return Result(**row, status="fail", max_error=None, reason=f"{type(e).__name__}: {e}")

@@ -14,6 +14,8 @@ import json
 import os
 import re
 
+from .atomic import write_json
+
 BYTE_MARKER = "ernie_hal_tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -381,9 +383,9 @@ def load_tokenizer(directory: str) -> Tokenizer:
 
 def write_byte_tokenizer(directory: str) -> None:
     """Make `directory` self-describing for the byte tokenizer (marker + config with the template)."""
-    _write_json(os.path.join(directory, BYTE_MARKER), {"type": "bytes", "offset": BYTE_OFFSET,
+    write_json(os.path.join(directory, BYTE_MARKER), {"type": "bytes", "offset": BYTE_OFFSET,
                                                        "specials": BYTE_SPECIALS})
-    _write_json(os.path.join(directory, CONFIG_FILE), {
+    write_json(os.path.join(directory, CONFIG_FILE), {
         "tokenizer_class": "ErnieHalByteTokenizer", "add_bos_token": False, "add_eos_token": False,
         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>",
         "cls_token": "<|begin_of_sentence|>", "sep_token": END_OF_SENTENCE, "mask_token": "<mask:1>",
@@ -467,10 +469,3 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

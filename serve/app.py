@@ -149,7 +149,7 @@ def build_server(model, served_model_name: str | None = None, *, max_num_seqs: i
     """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model."""
     stops = model.tokenizer.stop_token_ids if model.tokenizer else ()
     engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size,
-                    graphs=not getattr(model, "eager", False), graph_max_batch=max_num_seqs,
+                    graphs=not model.eager, graph_max_batch=max_num_seqs,
                     prefix_caching=prefix_caching)
     size_kv_cache(engine, max_num_seqs, num_blocks=num_kv_blocks, memory=kv_cache_memory,
                   fraction=kv_cache_fraction)

@@ -33,12 +33,11 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..api import load
-    model = load(args.model, **load_kwargs(args))
+    model = load(args.model, prefix_caching=True, **load_kwargs(args))   # earlier turns stay cached
     if model.tokenizer is None:
         print(f"error: {model.path} has no tokenizer, so no chat template", file=sys.stderr)
         return 2
     engine = model.engine
-    engine.prefix_caching = True              # before the KV cache exists: earlier turns stay cached
     engine.ensure_kv(engine.blocks_for(min(engine.max_model_len, CONTEXT)))   # room for a conversation
     info = model.backend.info
     note = " — random weights, the text is noise" if model.random_weights else ""
