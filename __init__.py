@@ -11,8 +11,8 @@
 __version__ = "0.1.0"
 
 from .core.api import Completion, Model, devices, load, pick_device  # noqa: E402
-from .core.config import ModelConfig, preset  # noqa: E402
-from .core.registry import DeviceError, get_registry  # noqa: E402
+from .core.model.config import ModelConfig, preset  # noqa: E402
+from .core.plugins.registry import DeviceError, get_registry  # noqa: E402
 
 __all__ = ["Completion", "DeviceError", "Model", "ModelConfig", "devices", "get_registry", "load",
            "pick_device", "preset"]

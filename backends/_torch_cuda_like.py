@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..core.backend import Backend, Capabilities, DeviceInfo, ProbeResult
+from ..core.plugins.backend import Backend, Capabilities, DeviceInfo, ProbeResult
 
 GiB = 1024 ** 3
 KiB = 1024

@@ -37,8 +37,8 @@ GOALS = {("ernie-4.5-21b-a3b", 1): ("decode_tpot_ms", "<=", 3.0),
 
 def checkpoint(preset: str, layers: int | None, dtype: str, root: str) -> str:
     """A random-weight checkpoint of the preset's shape, written once (atomically) and reused."""
-    from ernie_hal.core.config import preset as get_preset
-    from ernie_hal.core.defaults import make_random_model
+    from ernie_hal.core.model.config import preset as get_preset
+    from ernie_hal.core.model.defaults import make_random_model
     path = os.path.join(root, f"bench-{preset}-L{layers or 'all'}-{dtype}")
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"writing {path} ...", file=sys.stderr, flush=True)
@@ -51,8 +51,8 @@ def step_bytes(path: str, dtype, batch: int) -> int:
     gather), the head, and for MoE layers only the experts the batch is expected to touch."""
     import torch
 
-    from ernie_hal.core.config import ModelConfig
-    from ernie_hal.core.graph import build
+    from ernie_hal.core.model.config import ModelConfig
+    from ernie_hal.core.model.graph import build
     config = ModelConfig.from_file(path)
     graph = build(config)
     size = torch.empty((), dtype=dtype).element_size()

@@ -74,8 +74,8 @@ def run_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ernie_hal.core.config import ModelConfig
-    from ernie_hal.core.graph import build
+    from ernie_hal.core.model.config import ModelConfig
+    from ernie_hal.core.model.graph import build
     rss0 = peak_rss()
     dtype = getattr(torch, DTYPES[args.dtype])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()

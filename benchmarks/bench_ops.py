@@ -29,7 +29,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def shapes(small: bool) -> list:
     """(op, label, make-args factory, bytes(s), flops) at the 21B-A3B / 0.3B shapes, or tiny ones."""
-    from ernie_hal.core import conformance as c
+    from ernie_hal.core.checks import conformance as c
     H, I, E, k, SI = (64, 32, 8, 2, 64) if small else (2560, 1536, 64, 6, 3072)   # 21B-A3B MoE
     nh, nkv, d = (4, 2, 16) if small else (20, 4, 128)
     DH, DI = (64, 96) if small else (1024, 3072)                                 # 0.3B dense MLP
@@ -80,10 +80,10 @@ def timed(fn, args, backend, iters: int) -> float:
 def run(args) -> dict:
     import torch
 
-    from ernie_hal.core import conformance as c
-    from ernie_hal.core.emulate import emulate
-    from ernie_hal.core.kernels import OpSpec
-    from ernie_hal.core.registry import get_registry
+    from ernie_hal.core.checks import conformance as c
+    from ernie_hal.core.plugins.emulate import emulate
+    from ernie_hal.core.plugins.kernel_table import OpSpec
+    from ernie_hal.core.plugins.registry import get_registry
     from ernie_hal.kernels.reference import OPS as REF
 
     reg = get_registry()

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from . import defaults
-from .backend import Backend
-from .engine import Engine
-from .graph import build
-from .kernels import OpSpec
-from .model import ErnieModel, ResidentWeights
-from .placement import DEVICE, HOST, BudgetError, MODES, parse_budget
-from .placement import plan as plan_placement
-from .registry import get_registry
-from .sampling import SamplingParams
-from .weights import Checkpoint
+from .model import defaults
+from .plugins.backend import Backend
+from .runtime.engine import Engine
+from .model.graph import build
+from .plugins.kernel_table import OpSpec
+from .runtime.executor import ErnieModel, ResidentWeights
+from .memory.placement import DEVICE, HOST, BudgetError, MODES, parse_budget
+from .memory.placement import plan as plan_placement
+from .plugins.registry import get_registry
+from .runtime.sampling import SamplingParams
+from .model.checkpoint_reader import Checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -27,7 +27,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 def devices(smoke_test: bool = True) -> list:
     """Every registered backend and device: availability, reason, facts, and a tiny-op check."""
-    from .smoke import describe_all
+    from .checks.smoke import describe_all
     return describe_all(get_registry(), smoke_test=smoke_test)
 
 
@@ -74,7 +74,7 @@ def _is_random(path: str) -> bool:
 def _load_tokenizer(path):
     """The checkpoint's tokenizer, or None when it has no tokenizer files at all: a directory of
     weights only still serves token ids. Malformed tokenizer files are an error."""
-    from .tokenizer import NoTokenizerError, load_tokenizer
+    from .model.tokenizer import NoTokenizerError, load_tokenizer
     try:
         return load_tokenizer(path)
     except NoTokenizerError:
@@ -251,7 +251,7 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     if plan.fully_resident and not budgets:
         weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick)
     else:
-        from .offload import OffloadedWeights
+        from .memory.offload import OffloadedWeights
         weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
                                    cache_policy=expert_cache)
     tokenizer = _load_tokenizer(path)

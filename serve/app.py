@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.engine import Engine, GenerationError
-from ..core.sampling import SamplingError, SamplingParams
-from ..core.scheduler import Scheduler, size_kv_cache
+from ..core.runtime.engine import Engine, GenerationError
+from ..core.runtime.sampling import SamplingError, SamplingParams
+from ..core.runtime.scheduler import Scheduler, size_kv_cache
 from .async_engine import AsyncEngine, Job
 from .metrics import ServerMetrics
 from . import logprobs as lpfmt

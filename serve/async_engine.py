@@ -13,9 +13,9 @@ import itertools
 from dataclasses import dataclass
 from functools import partial
 
-from ..core.engine import Engine
-from ..core.sampling import SamplingParams
-from ..core.scheduler import EngineThread, Request, Scheduler
+from ..core.runtime.engine import Engine
+from ..core.runtime.sampling import SamplingParams
+from ..core.runtime.scheduler import EngineThread, Request, Scheduler
 from .text import TextStream
 
 

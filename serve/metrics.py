@@ -7,7 +7,7 @@ import bisect
 import threading
 import time
 
-from ..core.scheduler import Observer
+from ..core.runtime.scheduler import Observer
 
 PREFIX = "ernie_hal_"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..core.sampling import MAX_LOGPROBS
+from ..core.runtime.sampling import MAX_LOGPROBS
 
 MAX_STOP = 4
 MAX_N = 128

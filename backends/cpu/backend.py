@@ -8,7 +8,7 @@ import platform
 import psutil
 import torch
 
-from ...core.backend import Backend, Capabilities, DeviceInfo, ProbeResult
+from ...core.plugins.backend import Backend, Capabilities, DeviceInfo, ProbeResult
 
 CPU_CAPS = Capabilities(
     dtypes=(torch.float32, torch.bfloat16, torch.float16),

@@ -1,7 +1,7 @@
 """Registers the cpu backend; its kernels are the reference ops (the numerical oracle)."""
 
-from ...core.backend import BackendSpec
-from ...core.hookspecs import hookimpl
+from ...core.plugins.backend import BackendSpec
+from ...core.plugins.hookspecs import hookimpl
 from .backend import make_backend, probe
 
 

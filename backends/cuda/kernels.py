@@ -26,7 +26,7 @@ def explain(backend, op, spec):
 
 def emulated_backend(device: str | None = None):
     """An NVIDIA device from the table on CPU tensors, for the Triton interpreter."""
-    from ...core.emulate import EmulatedBackend
+    from ...core.plugins.emulate import EmulatedBackend
     spec = find_device(NVIDIA, device or EMULATED_DEVICES[0])
     # the factory's rule: bf16 from sm_80 (every table entry is sm_80 or newer)
     return EmulatedBackend("cuda", spec, (torch.float32, torch.bfloat16, torch.float16))

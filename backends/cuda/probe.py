@@ -1,6 +1,6 @@
 """Is NVIDIA CUDA usable here? A pure function of a Snapshot, plus the real probe()."""
 
-from ...core.backend import ProbeResult
+from ...core.plugins.backend import ProbeResult
 from .._torch_cuda_like import GpuFacts, Snapshot, probe_snapshot, read_nvml_like, take_snapshot
 from .devices import NVIDIA
 

@@ -30,6 +30,6 @@ def explain(backend, op, spec):
 
 def emulated_backend(device: str | None = None):
     """The BI-V150 from the table on CPU tensors, for the Triton interpreter."""
-    from ...core.emulate import EmulatedBackend
+    from ...core.plugins.emulate import EmulatedBackend
     spec = find_device(ILUVATAR, device or EMULATED_DEVICES[0])
     return EmulatedBackend("ixuca", spec, (torch.float32, torch.bfloat16, torch.float16))

@@ -5,7 +5,7 @@ CoreX ships its own PyTorch that keeps the torch.cuda API; its version carries a
 and memory without creating a context.
 """
 
-from ...core.backend import ProbeResult
+from ...core.plugins.backend import ProbeResult
 from .._torch_cuda_like import Snapshot, probe_snapshot, read_nvml_like, take_snapshot
 from .devices import ILUVATAR
 

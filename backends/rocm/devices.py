@@ -3,7 +3,7 @@
 Arch, VRAM, wavefront 64 and LDS per CU: ROCm docs "AMD GPU specifications"
 (rocm.docs.amd.com/en/latest/reference/gpu-specs.html: MI355X/MI350X gfx950 288 GiB LDS
 160 KiB; MI325X gfx942 256 GiB LDS 64 KiB). Bandwidth: AMD product pages, as in
-/work/shared/HARDWARE.md (MI300X 5.3, MI325X 6.0 TB/s also in docs.vultr.com's ROCm
+the vendors' datasheets (MI300X 5.3, MI325X 6.0 TB/s also in docs.vultr.com's ROCm
 hardware-requirements page; MI355X 8.0 TB/s). One torch device of an MI250X is one GCD:
 half the package's 128 GB and 3.2 TB/s.
 """

@@ -72,6 +72,6 @@ def explain(backend, op, spec):
 
 def emulated_backend(device: str | None = None):
     """An AMD Instinct device from the table on CPU tensors, for the Triton interpreter."""
-    from ...core.emulate import EmulatedBackend
+    from ...core.plugins.emulate import EmulatedBackend
     spec = find_device(AMD, device or EMULATED_DEVICES[0])
     return EmulatedBackend("rocm", spec, (torch.float32, torch.bfloat16, torch.float16))

@@ -1,7 +1,7 @@
 """Registers the AMD ROCm backend (priority 30: only one GPU runtime can be present)."""
 
-from ...core.backend import BackendSpec
-from ...core.hookspecs import hookimpl
+from ...core.plugins.backend import BackendSpec
+from ...core.plugins.hookspecs import hookimpl
 from . import kernels
 from .backend import make_backend
 from .probe import probe
@@ -32,5 +32,5 @@ def ernie_hal_explain(backend, op, spec):
 
 def emulated_backend(device=None):
     """A device from this backend's table on CPU tensors, its kernels under the Triton
-    interpreter (core/emulate.py, `ernie-hal conformance --emulate`)."""
+    interpreter (core/plugins/emulate.py, `ernie-hal conformance --emulate`)."""
     return kernels.emulated_backend(device)

@@ -4,7 +4,7 @@ ROCm PyTorch keeps the "cuda" device type; what marks it is torch.version.hip be
 string (None on CUDA builds): PyTorch docs "HIP (ROCm) semantics".
 """
 
-from ...core.backend import ProbeResult
+from ...core.plugins.backend import ProbeResult
 from .._torch_cuda_like import GpuFacts, Snapshot, probe_snapshot, take_snapshot
 from .devices import AMD
 

@@ -12,8 +12,8 @@ import os
 
 
 def _gpu_backend_present() -> bool:
-    from ernie_hal.core.emulate import emulatable
-    from ernie_hal.core.registry import Registry
+    from ernie_hal.core.plugins.emulate import emulatable
+    from ernie_hal.core.plugins.registry import Registry
     reg = Registry()
     return any(reg.probe(name).available for name in emulatable(reg))
 

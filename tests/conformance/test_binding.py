@@ -11,12 +11,12 @@ import torch
 from ernie_hal.backends.cuda.devices import NVIDIA
 from ernie_hal.backends.ixuca.devices import ILUVATAR
 from ernie_hal.backends.rocm.devices import AMD
-from ernie_hal.core import conformance as conf
-from ernie_hal.core.backend import BackendSpec, Capabilities, DeviceInfo, ProbeResult, Backend
-from ernie_hal.core.emulate import emulate, interpreter_problem
-from ernie_hal.core.hookspecs import hookimpl
-from ernie_hal.core.kernels import OPS, OpSpec
-from ernie_hal.core.registry import Registry, get_registry
+from ernie_hal.core.checks import conformance as conf
+from ernie_hal.core.plugins.backend import BackendSpec, Capabilities, DeviceInfo, ProbeResult, Backend
+from ernie_hal.core.plugins.emulate import emulate, interpreter_problem
+from ernie_hal.core.plugins.hookspecs import hookimpl
+from ernie_hal.core.plugins.kernel_table import OPS, OpSpec
+from ernie_hal.core.plugins.registry import Registry, get_registry
 
 REG = get_registry()
 INTERPRETER = interpreter_problem()
@@ -149,8 +149,8 @@ def test_a_wrong_kernel_fails_and_missing_ops_skip_with_reasons(monkeypatch, cap
     assert norm and all(r.status == "fail" and abs(r.max_error - 1e-2) < 1e-6 for r in norm)
     assert all(r.status == "skip" and "only has rms_norm" in r.reason for r in rows if r.op == "rope")
 
-    import ernie_hal.core.registry as registry_module
-    from ernie_hal.core.cli import main
+    import ernie_hal.core.plugins.registry as registry_module
+    from ernie_hal.cli.main import main
     monkeypatch.setattr(registry_module, "_default", reg)
     assert main(["conformance", "--device", "broken", "--ops", "rms_norm", "--no-model"]) == 1
     assert "FAIL" in capsys.readouterr().out

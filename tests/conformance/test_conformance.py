@@ -1,5 +1,5 @@
 """The conformance matrix: backend x op x dtype x shape, every result against kernels/reference
-run on the CPU in float64, with one per-dtype tolerance table (core/conformance.py), and a whole
+run on the CPU in float64, with one per-dtype tolerance table (core/checks/conformance.py), and a whole
 tiny dense and MoE model per backend against the CPU model.
 
 Backends: every registered backend natively (an absent one skips with its probe reason), plus
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ernie_hal.core import conformance as conf
-from ernie_hal.core.emulate import EmulationError, emulatable, emulate, interpreter_problem
-from ernie_hal.core.kernels import OPS
-from ernie_hal.core.registry import DeviceError, get_registry
+from ernie_hal.core.checks import conformance as conf
+from ernie_hal.core.plugins.emulate import EmulationError, emulatable, emulate, interpreter_problem
+from ernie_hal.core.plugins.kernel_table import OPS
+from ernie_hal.core.plugins.registry import DeviceError, get_registry
 
 REG = get_registry()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

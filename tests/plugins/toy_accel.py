@@ -4,8 +4,8 @@ runs on host memory and brings its own rms_norm kernel."""
 import torch
 
 import ernie_hal.kernels.reference as ref
-from ernie_hal.core.backend import Backend, BackendSpec, Capabilities, DeviceInfo, ProbeResult
-from ernie_hal.core.hookspecs import hookimpl
+from ernie_hal.core.plugins.backend import Backend, BackendSpec, Capabilities, DeviceInfo, ProbeResult
+from ernie_hal.core.plugins.hookspecs import hookimpl
 
 INFO = DeviceInfo(backend="toy", index=0, name="Toy Accelerator", arch="toy1",
                   memory_total=2 * 2**30, torch_device="cpu")

@@ -10,11 +10,11 @@ import psutil
 import pytest
 import torch
 
-from ernie_hal.core import checkpoint as C
-from ernie_hal.core.checkpoint import random_tensor, write_random_checkpoint
-from ernie_hal.core.config import PRESETS, preset
-from ernie_hal.core.names import LM_HEAD, expected_tensors
-from ernie_hal.core.weights import INDEX, Checkpoint
+from ernie_hal.core.model import checkpoint_writer as C
+from ernie_hal.core.model.checkpoint_writer import random_tensor, write_random_checkpoint
+from ernie_hal.core.model.config import PRESETS, preset
+from ernie_hal.core.model.names import LM_HEAD, expected_tensors
+from ernie_hal.core.model.checkpoint_reader import INDEX, Checkpoint
 
 
 def _tensors(path):
@@ -25,7 +25,7 @@ def _tensors(path):
 # ---- names.py --------------------------------------------------------------------------------
 def test_names_match_the_spec_for_21b():
     t = expected_tensors(PRESETS["ernie-4.5-21b-a3b"])
-    assert len(t) == 5492                               # ernie45.md 3.1
+    assert len(t) == 5492                               # docs/model.md 3.1
     assert t["model.layers.0.mlp.gate_proj.weight"] == ((12288, 2560), torch.bfloat16)
     assert t["model.layers.1.mlp.gate.weight"] == ((64, 2560), torch.float32)
     assert t["model.layers.27.mlp.moe_statics.e_score_correction_bias"] == ((1, 64), torch.float32)
@@ -49,7 +49,7 @@ def test_names_for_03b_and_300b():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("untied", [False, True])
 def test_names_agree_with_graph(name, untied):
-    from ernie_hal.core.graph import build
+    from ernie_hal.core.model.graph import build
     cfg = preset(name)
     assert expected_tensors(cfg, include_lm_head=untied) == build(cfg, untied_head=untied).expected_tensors()
 
@@ -68,7 +68,7 @@ def test_transformers_loads_without_missing_keys(tmp_path, name, untied):
     if untied:
         assert torch.equal(sd[LM_HEAD].to(torch.bfloat16), ours[LM_HEAD])
     if cfg.is_moe:
-        # transformers v5 fuses experts into gate_up_proj [E, 2I, H], gate rows first (ernie45.md 3.4)
+        # transformers v5 fuses experts into gate_up_proj [E, 2I, H], gate rows first (docs/model.md 3.4)
         gate_up = sd["model.layers.1.mlp.experts.gate_up_proj"][3].to(torch.bfloat16)
         assert torch.equal(gate_up, torch.cat([ours["model.layers.1.mlp.experts.3.gate_proj.weight"],
                                                ours["model.layers.1.mlp.experts.3.up_proj.weight"]]))

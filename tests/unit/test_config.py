@@ -1,12 +1,12 @@
-"""ModelConfig: every config.json variant of ernie45.md section 9, presets, field-naming errors."""
+"""ModelConfig: every config.json variant of docs/model.md section 9, presets, field-naming errors."""
 
 import json
 
 import pytest
 
-from ernie_hal.core.config import PRESETS, ConfigError, ModelConfig, preset
+from ernie_hal.core.model.config import PRESETS, ConfigError, ModelConfig, preset
 
-DENSE_03B = {  # the original remote-code era 0.3B-PT config (ernie45.md [CFG-0.3B])
+DENSE_03B = {  # the original remote-code era 0.3B-PT config (docs/model.md [CFG-0.3B])
     "architectures": ["Ernie4_5_ForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "head_dim": 128,
     "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 131072,
     "model_type": "ernie4_5", "num_attention_heads": 16, "num_hidden_layers": 18, "num_key_value_heads": 2,

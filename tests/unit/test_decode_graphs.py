@@ -1,4 +1,4 @@
-"""Decode graphs (core/decode_graphs.py): replayed decode steps give the eager engine's tokens.
+"""Decode graphs (core/runtime/decode_graphs.py): replayed decode steps give the eager engine's tokens.
 
 No GPU here, so the capturing backend records `fn` and replays it by calling it again into the
 same output tensor: what a CUDA graph does, minus the driver. That checks what is ours: inputs
@@ -14,8 +14,8 @@ import torch
 
 import ernie_hal
 from ernie_hal.backends.cpu.backend import CpuBackend
-from ernie_hal.core.decode_graphs import capture_sizes
-from ernie_hal.core.sampling import SamplingParams
+from ernie_hal.core.runtime.decode_graphs import capture_sizes
+from ernie_hal.core.runtime.sampling import SamplingParams
 
 
 class ReplayingCpu(CpuBackend):
@@ -148,7 +148,7 @@ def test_graphs_off_where_they_cannot_apply(tmp_path):
 def test_triton_kernels_under_replay_equal_eager():
     """The cuda backend's Triton kernels (emulated under the interpreter) on the static, padded
     inputs of a replay: full-width block tables, scratch-block rows, and the same ids as eager."""
-    from ernie_hal.core.emulate import emulate, interpreter_problem
+    from ernie_hal.core.plugins.emulate import emulate, interpreter_problem
     if interpreter_problem():
         pytest.skip(interpreter_problem())
     graphed_backend = emulate("cuda", "H100")
@@ -166,7 +166,7 @@ def test_triton_kernels_under_replay_equal_eager():
 
 
 def test_server_captures_every_size_before_serving_and_serves_the_same_tokens():
-    from ernie_hal.core.scheduler import Request
+    from ernie_hal.core.runtime.scheduler import Request
     from ernie_hal.serve import build_server
     model, eager = _load("tiny-moe", ReplayingCpu()), _load("tiny-moe", "cpu")
     server = build_server(model, max_num_seqs=5, num_kv_blocks=64)

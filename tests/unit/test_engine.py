@@ -4,8 +4,8 @@ equals one-by-one, chunked prefill equals one prefill, seeds, stop conditions, l
 import pytest
 
 import ernie_hal
-from ernie_hal.core.engine import GenerationError
-from ernie_hal.core.sampling import SamplingError, SamplingParams
+from ernie_hal.core.runtime.engine import GenerationError
+from ernie_hal.core.runtime.sampling import SamplingError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_metrics_are_reported(model):
 
 
 def test_kv_cache_grows_to_twice_its_size_when_too_small(model):
-    from ernie_hal.core.engine import Engine
+    from ernie_hal.core.runtime.engine import Engine
     eng = Engine(model.model)                       # cpu: no decode graphs, no scratch block
     assert eng.ensure_kv(4).num_blocks == 4
     assert eng.ensure_kv(5).num_blocks == 8         # twice the old size, not just the 5 asked

@@ -11,10 +11,10 @@ import torch
 from ernie_hal.backends import _kernel_binding as kb
 from ernie_hal.backends.cuda.devices import NVIDIA
 from ernie_hal.backends.rocm.devices import AMD
-from ernie_hal.core import conformance as conf
-from ernie_hal.core.emulate import EmulatedBackend
-from ernie_hal.core.kernels import OPS, KernelNotAvailable, OpSpec
-from ernie_hal.core.registry import Registry
+from ernie_hal.core.checks import conformance as conf
+from ernie_hal.core.plugins.emulate import EmulatedBackend
+from ernie_hal.core.plugins.kernel_table import OPS, KernelNotAvailable, OpSpec
+from ernie_hal.core.plugins.registry import Registry
 from ernie_hal.kernels import reference
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ernie_hal.core.kvcache import AttentionMetadata, KVCache, KVCacheFullError
-from ernie_hal.core.prefix_cache import BlockPool
+from ernie_hal.core.runtime.kvcache import AttentionMetadata, KVCache, KVCacheFullError
+from ernie_hal.core.runtime.prefix_cache import BlockPool
 from ernie_hal.kernels.reference import gqa_attention, kv_cache_write, rope
 
 NH, NKV, D, THETA = 4, 2, 16, 10000.0

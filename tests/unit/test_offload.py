@@ -12,15 +12,15 @@ import torch
 
 from ernie_hal.backends.cpu.backend import CpuBackend
 from ernie_hal.core.api import Model, load
-from ernie_hal.core.config import ModelConfig
-from ernie_hal.core.defaults import make_random_model
-from ernie_hal.core.expert_cache import CacheFullError, ExpertCache
-from ernie_hal.core.graph import build
-from ernie_hal.core.kernels import KernelTable
-from ernie_hal.core.model import ErnieModel
-from ernie_hal.core.offload import OffloadedWeights
-from ernie_hal.core.placement import plan
-from ernie_hal.core.weights import Checkpoint
+from ernie_hal.core.model.config import ModelConfig
+from ernie_hal.core.model.defaults import make_random_model
+from ernie_hal.core.memory.expert_cache import CacheFullError, ExpertCache
+from ernie_hal.core.model.graph import build
+from ernie_hal.core.plugins.kernel_table import KernelTable
+from ernie_hal.core.runtime.executor import ErnieModel
+from ernie_hal.core.memory.offload import OffloadedWeights
+from ernie_hal.core.memory.placement import plan
+from ernie_hal.core.model.checkpoint_reader import Checkpoint
 from ernie_hal.kernels.reference import OPS
 from ernie_hal.kernels.reference.moe import moe_experts
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ernie_hal.backends.cpu.backend import CpuBackend
-from ernie_hal.core.backend import Backend, Capabilities, DeviceInfo
-from ernie_hal.core.config import ModelConfig, preset
-from ernie_hal.core.graph import build
-from ernie_hal.core.placement import DEVICE, DISK, HOST, BudgetError, device_nbytes, parse_budget, plan
+from ernie_hal.core.plugins.backend import Backend, Capabilities, DeviceInfo
+from ernie_hal.core.model.config import ModelConfig, preset
+from ernie_hal.core.model.graph import build
+from ernie_hal.core.memory.placement import DEVICE, DISK, HOST, BudgetError, device_nbytes, parse_budget, plan
 
 MiB = 2**20
 

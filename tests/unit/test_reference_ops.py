@@ -29,7 +29,7 @@ def rand(*shape, dtype=torch.float32, scale=1.0, seed=None):
 
 
 def test_ops_table_complete():
-    from ernie_hal.core.kernels import OPS as NAMES
+    from ernie_hal.core.plugins.kernel_table import OPS as NAMES
     assert set(OPS) == set(NAMES)
 
 

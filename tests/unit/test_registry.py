@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ernie_hal
-from ernie_hal.core.kernels import OPS, KernelNotAvailable, OpSpec
-from ernie_hal.core.registry import DeviceError, DeviceRequest, Registry
+from ernie_hal.core.plugins.kernel_table import OPS, KernelNotAvailable, OpSpec
+from ernie_hal.core.plugins.registry import DeviceError, DeviceRequest, Registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGINS = os.path.join(os.path.dirname(HERE), "plugins")

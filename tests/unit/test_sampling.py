@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ernie_hal
-from ernie_hal.core.sampling import SamplingError, SamplingParams, apply_penalties, sample
+from ernie_hal.core.runtime.sampling import SamplingError, SamplingParams, apply_penalties, sample
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():

@@ -7,9 +7,9 @@ import threading
 import pytest
 
 import ernie_hal
-from ernie_hal.core.engine import Engine
-from ernie_hal.core.sampling import SamplingParams
-from ernie_hal.core.scheduler import EngineThread, Request, Scheduler
+from ernie_hal.core.runtime.engine import Engine
+from ernie_hal.core.runtime.sampling import SamplingParams
+from ernie_hal.core.runtime.scheduler import EngineThread, Request, Scheduler
 
 
 @pytest.fixture(scope="module")

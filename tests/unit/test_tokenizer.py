@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ernie_hal.core.tokenizer import (ERNIE_CHAT_TEMPLATE, ByteTokenizer, StreamDecoder, TokenizerError,
+from ernie_hal.core.model.tokenizer import (ERNIE_CHAT_TEMPLATE, ByteTokenizer, StreamDecoder, TokenizerError,
                                       load_tokenizer, write_byte_tokenizer)
 
 CORPUS = ["Hello world, this is ERNIE.", "User: hi there\nAssistant: hello!", "The quick brown fox jumps over it.",

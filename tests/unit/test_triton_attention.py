@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from ernie_hal.core.kvcache import KVCache  # noqa: E402
+from ernie_hal.core.runtime.kvcache import KVCache  # noqa: E402
 from ernie_hal.kernels import reference as ref  # noqa: E402
 from ernie_hal.kernels.triton import _interpret  # noqa: E402
 from ernie_hal.kernels.triton.attention import make_gqa_attention, normalize_config  # noqa: E402

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ernie_hal.core.checkpoint import shard_header, write_random_checkpoint
-from ernie_hal.core.config import ConfigError, preset
-from ernie_hal.core.names import EMBED, LM_HEAD
-from ernie_hal.core.weights import INDEX, Checkpoint, CheckpointError, PaddleFormatError
+from ernie_hal.core.model.checkpoint_writer import shard_header, write_random_checkpoint
+from ernie_hal.core.model.config import ConfigError, preset
+from ernie_hal.core.model.names import EMBED, LM_HEAD
+from ernie_hal.core.model.checkpoint_reader import INDEX, Checkpoint, CheckpointError, PaddleFormatError
 
 ROUTER = "model.layers.1.mlp.gate.weight"          # fp32 in the checkpoint
 BIAS = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
@@ -215,7 +215,7 @@ def test_unused_tensors_are_reported_not_fatal(single):
 
 @pytest.mark.parametrize("tied,present,head", [
     (False, True, LM_HEAD),   # untied and stored: the real head
-    (False, False, EMBED),    # says untied but absent: fall back to the embedding (ernie45.md 1.2)
+    (False, False, EMBED),    # says untied but absent: fall back to the embedding (docs/model.md 1.2)
     (True, True, EMBED),      # tied: a stored lm_head is ignored
     (True, False, EMBED),
 ])
@@ -229,7 +229,7 @@ def test_lm_head_rule(single, tied, present, head):
 
 
 def test_untied_checkpoint_with_head_validates_against_graph(tmp_path):
-    from ernie_hal.core.graph import build
+    from ernie_hal.core.model.graph import build
     path = write_random_checkpoint(preset("tiny").replace(tie_word_embeddings=False), tmp_path / "untied")
     with Checkpoint.open(path) as ck:
         assert ck.lm_head_name == LM_HEAD

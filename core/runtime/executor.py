@@ -1,0 +1,169 @@
+"""The executor: walks the ModelGraph calling the KernelTable bound at load.
+
+Weights come from a weight store. `ResidentWeights` holds them all on the device;
+core/memory/offload.py's `OffloadedWeights` stages them from the checkpoint under a memory budget.
+A store answers, once per step and layer (plain method calls, never per token):
+  embedding(ids) -> (table, ids into it)    the first call of a step
+  layer(i)       -> LayerWeights            valid until layer(i + 1) / output()
+  output()       -> (final_norm, head)
+  routed_experts(i, h, weights, ids, moe_experts) -> routed sum; only asked when
+                    LayerWeights.experts is None (the experts are not all on the device)
+  step_done()                               the step's last call
+
+Checkpoint quirks are handled at load time (routed experts stacked into [E, I, H] tensors,
+tied head, fp32 router kept fp32), never in forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plugins.backend import Backend
+from ..model.graph import ModelGraph
+from ..plugins.kernel_table import KernelTable
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    mlp: tuple | None = None          # (gate, up, down)
+    router: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    experts: tuple | None = None      # stacked (gate [E,I,H], up [E,I,H], down [E,H,I])
+    shared: tuple | None = None
+
+
+class ResidentWeights:
+    """Every weight resident on the backend's device, read from the checkpoint once."""
+
+    fully_resident = True     # no host work per step: decode can be captured as a device graph
+
+    def __init__(self, graph: ModelGraph, checkpoint, backend: Backend, dtype: torch.dtype, progress=None):
+        self.graph, self.ckpt, self.backend, self.dtype = graph, checkpoint, backend, dtype
+        self.progress = progress
+        self.layers = [self._load_block(b) for b in graph.blocks]
+        self.embed = self._load(graph.embed)
+        self.final_norm = self._load(graph.final_norm)
+        self.head = self.embed if graph.tied else self._load(graph.head)
+
+    def _load(self, ref, dtype=None):
+        # the router and its bias stay fp32 (docs/model.md 4.2 item 7); everything else in the model dtype
+        target = dtype or (torch.float32 if ref.role == "router" else self.dtype)
+        out = self.backend.alloc(ref.shape, target)
+        self.ckpt.read(ref.name, out=out, release=True)  # drop the file pages once copied
+        self._tick(ref.nbytes)
+        return out
+
+    def _stack(self, refs):
+        first = refs[0]
+        out = self.backend.alloc((len(refs),) + first.shape, self.dtype)
+        for i, ref in enumerate(refs):
+            self.ckpt.read(ref.name, out=out[i], release=True)
+            self._tick(ref.nbytes)
+        return out
+
+    def _load_block(self, b) -> LayerWeights:
+        lw = LayerWeights(input_norm=self._load(b.input_norm), q=self._load(b.q), k=self._load(b.k),
+                          v=self._load(b.v), o=self._load(b.o), post_norm=self._load(b.post_norm))
+        if b.mlp is not None:
+            lw.mlp = tuple(self._load(r) for r in b.mlp.refs())
+        else:
+            m = b.moe
+            lw.router = self._load(m.router)
+            lw.bias = self._load(m.bias).reshape(-1)
+            lw.experts = (self._stack([e.gate for e in m.experts]), self._stack([e.up for e in m.experts]),
+                          self._stack([e.down for e in m.experts]))
+            if m.shared is not None:
+                lw.shared = tuple(self._load(r) for r in m.shared.refs())
+        return lw
+
+    def _tick(self, nbytes):
+        if self.progress is not None:
+            self.progress(nbytes)
+
+    # ---- the weight-store interface ----------------------------------------------------------
+    def embedding(self, ids):
+        return self.embed, ids
+
+    def layer(self, i: int) -> LayerWeights:
+        return self.layers[i]
+
+    def output(self):
+        return self.final_norm, self.head
+
+    def step_done(self) -> None:
+        pass
+
+
+class ErnieModel:
+    def __init__(self, graph: ModelGraph, backend: Backend, kernels: KernelTable,
+                 weights, dtype: torch.dtype):
+        self.graph, self.config = graph, graph.config
+        self.backend, self.kernels, self.weights, self.dtype = backend, kernels, weights, dtype
+        c = self.config
+        self.scale = c.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, meta, kv, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [T] (ragged batch concatenated); meta: kvcache.AttentionMetadata for this step;
+        kv: KVCache. Returns float32 logits for `logit_rows` (all rows when None)."""
+        h, head = self.hidden_states(ids, meta, kv)
+        if logit_rows is not None:
+            h = h.index_select(0, logit_rows)
+        return self.project(h, head)
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, meta, kv) -> tuple:
+        """The final-normed hidden states [T, H] and the head weight, without the head GEMM:
+        decode graphs capture this part (a small output) and project only the rows they need."""
+        k, c, W = self.kernels, self.config, self.weights
+        T = ids.shape[0]
+        nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        table, rows = W.embedding(ids)
+        x = k.embedding(rows, table)
+        residual = None
+        for i in range(c.num_hidden_layers):
+            lw = W.layer(i)
+            if residual is None:
+                h, residual = k.rms_norm(x, lw.input_norm, eps), x
+            else:
+                h, residual = k.add_rms_norm(x, residual, lw.input_norm, eps)
+            q = k.linear(h, lw.q).view(T, nh, d)
+            kk = k.linear(h, lw.k).view(T, nkv, d)
+            v = k.linear(h, lw.v).view(T, nkv, d)
+            q = k.rope_kv_write(q, kk, v, meta.positions, c.rope_theta, kv.k[i], kv.v[i], meta.slot_mapping)
+            attn = k.gqa_attention(q, kv.k[i], kv.v[i], meta.block_tables, meta.context_lens,
+                                   meta.query_start_loc, self.scale)
+            x = k.linear(attn.reshape(T, nh * d), lw.o)
+            h, residual = k.add_rms_norm(x, residual, lw.post_norm, eps)
+            if lw.mlp is not None:
+                x = k.swiglu_mlp(h, *lw.mlp)
+            elif lw.experts is not None:
+                x = k.moe(h, lw.router, lw.bias, *lw.experts, c.moe_k, c.moe_norm_min, shared=lw.shared)
+            else:
+                x = self._staged_moe(i, h, lw)
+        final_norm, head = W.output()
+        h, _ = k.add_rms_norm(x, residual, final_norm, eps)
+        return h, head
+
+    @torch.inference_mode()
+    def project(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden rows `h`; ends the step for the weight store."""
+        logits = self.kernels.linear(h, head).float()
+        self.weights.step_done()
+        return logits
+
+    def _staged_moe(self, i: int, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Route first; the store brings only the picked experts to the device. Same ops and
+        order as the `moe` op: routed sum, then the shared experts added with weight 1."""
+        k, c = self.kernels, self.config
+        weights, ids = k.moe_route(h, lw.router, lw.bias, c.moe_k, c.moe_norm_min)
+        out = self.weights.routed_experts(i, h, weights, ids, k.moe_experts)
+        return out if lw.shared is None else out + k.swiglu_mlp(h, *lw.shared)
