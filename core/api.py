@@ -27,7 +27,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 def devices(smoke_test: bool = True) -> list:
     """Every registered backend and device: availability, reason, facts, and a tiny-op check."""
-    from .checks.smoke import describe_all
+    from .plugins.device_smoke import describe_all
     return describe_all(get_registry(), smoke_test=smoke_test)
 
 

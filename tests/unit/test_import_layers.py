@@ -115,7 +115,7 @@ def circles(graph: dict, packages: set | None = None) -> list:
 def test_the_walker_sees_deferred_imports():
     graph = import_graph()
     # api.devices() imports the smoke test inside the function body
-    assert "core.checks.smoke" in graph["core.api"]
+    assert "core.plugins.device_smoke" in graph["core.api"]
     assert "core.plugins.hookspecs" in graph["backends.cpu.fallback_plugin"]
 
 
@@ -154,3 +154,31 @@ def test_the_circle_finder_finds_a_deferred_circle():
 def test_the_rooms_exist():
     for room in ["cli", "core/model", "core/plugins", "core/runtime", "core/memory", "core/checks"]:
         assert (ROOT / room / "__init__.py").is_file(), room
+
+
+# Inside core/, the rooms stand on floors; a room imports only rooms on lower floors.
+CORE_FLOORS = {
+    "core.atomic": 1, "core.sizes": 1, "core.plugins": 1,   # small helpers and the contract
+    "core.model": 2,      # what a model is
+    "core.runtime": 3,    # running it
+    "core.memory": 4,     # where its weights live (stages into the executor's layer weights)
+    "core.api": 5,        # load(), devices(), Model
+    "core.checks": 6,     # the conformance matrix loads models through the API
+}
+
+
+def _core_room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_core_rooms_import_only_lower_floors():
+    bad = []
+    for module, targets in import_graph().items():
+        if not module.startswith("core.") or _core_room(module) not in CORE_FLOORS:
+            continue
+        floor = CORE_FLOORS[_core_room(module)]
+        for t in targets:
+            room = _core_room(t)
+            if room in CORE_FLOORS and room != _core_room(module) and CORE_FLOORS[room] >= floor:
+                bad.append(f"{module} -> {t}")
+    assert bad == []

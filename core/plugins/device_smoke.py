@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..plugins.kernel_table import OpSpec
+from .kernel_table import OpSpec
 
 
 def describe_all(registry, smoke_test: bool = True) -> list:
@@ -51,7 +51,7 @@ def _kernel_sources(registry, backend) -> dict:
     """op -> the implementation the backend binds (triton, aiter, reference, ...), or
     "reference (fallback: why)" where it has no kernel of its own."""
     try:
-        from ..plugins.binding_report import bindings
+        from .binding_report import bindings
         return bindings(registry, backend, torch.float32)
     except Exception as e:
         return {"error": str(e)}
