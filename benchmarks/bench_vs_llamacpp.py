@@ -214,6 +214,8 @@ def main():
     ap.add_argument("--serving-output-len", type=int, default=128)
     ap.add_argument("--serving-prompts-per-slot", type=int, default=2)
     ap.add_argument("--no-build", action="store_true", help="fail instead of building llama.cpp")
+    ap.add_argument("--quantize-via", default=None, choices=["Q8_0"],
+                    help="make llama.cpp's Q4_0 from a Q8_0 GGUF (half the disk of BF16) and delete it after")
     ap.add_argument("--output", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
@@ -233,7 +235,8 @@ def main():
     if any(p.startswith("wint") for p in precisions) and not supports_quantization():
         print("ernie-hal has no weight-only quantization here: wint rows left out", file=sys.stderr)
         precisions = [p for p in precisions if not p.startswith("wint")]
-    ggufs = {p: L.gguf_for(llama, args.model, GGUF_TYPE[p]) for p in precisions}
+    ggufs = {p: L.gguf_for(llama, args.model, GGUF_TYPE[p], via=args.quantize_via if p.startswith("wint") else None)
+             for p in precisions}
     mem = spawn_child(args, "memory")
     print(f"memory: read {mem.get('read_gbps', 0):.1f} GB/s, copy {mem.get('copy_gbps', 0):.1f} GB/s "
           f"({args.threads} threads)", flush=True)

@@ -168,17 +168,27 @@ def converter_dir(checkpoint: str, workdir: str) -> str:
 
 
 def _fingerprint(checkpoint: str) -> str:
-    """Names, sizes and mtimes of the checkpoint's files: a changed checkpoint gets new GGUFs."""
+    """Names, sizes and the first and last MiB of every file: a checkpoint with other weights gets
+    new GGUFs, while one rewritten with the same seed (same bytes) finds its old ones."""
     h = hashlib.sha1()
     for name in sorted(os.listdir(checkpoint)):
-        st = os.stat(os.path.join(checkpoint, name))
-        h.update(f"{name}:{st.st_size}:{int(st.st_mtime)};".encode())
+        path = os.path.join(checkpoint, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size};".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
     return h.hexdigest()[:12]
 
 
-def gguf_for(llama: LlamaCpp, checkpoint: str, ftype: str, cache: str = CACHE, log=sys.stderr) -> str:
+def gguf_for(llama: LlamaCpp, checkpoint: str, ftype: str, cache: str = CACHE, log=sys.stderr,
+             via: str | None = None) -> str:
     """The checkpoint as a GGUF of `ftype` (F32, BF16, F16, Q8_0, Q4_0, ...), converted once and
-    cached by the checkpoint's fingerprint."""
+    cached by the checkpoint's fingerprint. `via` names the GGUF llama-quantize starts from
+    (default BF16); via="Q8_0" needs half the disk of BF16 for a model that barely fits (the
+    intermediate is deleted afterwards; requantizing rounds twice, which changes no speed)."""
     ftype = ftype.upper()
     base = os.path.join(cache, "gguf", f"{os.path.basename(os.path.abspath(checkpoint))}-{_fingerprint(checkpoint)}")
     out = os.path.join(base, f"model-{ftype}.gguf")
@@ -196,11 +206,15 @@ def gguf_for(llama: LlamaCpp, checkpoint: str, ftype: str, cache: str = CACHE, l
         if r.returncode:
             raise PeerError(f"convert_hf_to_gguf.py failed ({ftype}):\n{r.stderr[-3000:]}")
     elif ftype in QUANTIZED_FROM:
-        src = gguf_for(llama, checkpoint, QUANTIZED_FROM[ftype], cache, log)
-        print(f"llama.cpp: quantizing to {ftype}", file=log, flush=True)
-        r = subprocess.run([llama.exe("llama-quantize"), src, tmp, ftype], capture_output=True, text=True)
+        start = (via or QUANTIZED_FROM[ftype]).upper()
+        src = gguf_for(llama, checkpoint, start, cache, log)
+        print(f"llama.cpp: quantizing {start} to {ftype}", file=log, flush=True)
+        requant = ["--allow-requantize"] if start not in ("F32", "BF16", "F16") else []
+        r = subprocess.run([llama.exe("llama-quantize"), *requant, src, tmp, ftype], capture_output=True, text=True)
         if r.returncode:
             raise PeerError(f"llama-quantize {ftype} failed:\n{r.stderr[-3000:]}")
+        if via:
+            os.unlink(src)
     else:
         raise PeerError(f"unknown GGUF type {ftype}; use one of {', '.join([*CONVERTER_TYPES, *QUANTIZED_FROM])}")
     os.replace(tmp, out)
