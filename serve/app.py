@@ -5,7 +5,6 @@ the engine thread (serve/async_engine.py)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -22,38 +21,35 @@ from ..core.runtime.engine import Engine, GenerationError
 from ..core.runtime.sampling import SamplingError, SamplingParams
 from ..core.runtime.scheduler import Scheduler, size_kv_cache
 from .async_engine import AsyncEngine, Job
+from .errors import INTERNAL, CatchAllMiddleware
+from .generation_defaults import generation_defaults
+from .limits import BodyLimitMiddleware, Limits, check_queue, check_request_seqs
 from .metrics import ServerMetrics
+from .security import Access, AccessMiddleware
+from .shutdown import Draining
+from .workers import off_loop
 from . import logprobs as lpfmt
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        chat_messages, check_common, completion_prompts, logprobs_count, parse, stop_strings)
 
 log = logging.getLogger("ernie_hal.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's legacy completions default; chat: the rest of the context
+SHUTDOWN = "the server is shutting down; the request was ended before it finished (retry it)"
 
 
 class Server:
     """Everything a handler needs: the model, the async engine, metrics, the served name."""
 
     def __init__(self, model, served_model_name: str, engine: AsyncEngine, metrics: ServerMetrics,
-                 api_key: str | None):
+                 access: Access, limits: Limits, defaults: dict | None = None):
         self.model, self.name, self.engine, self.metrics = model, served_model_name, engine, metrics
-        self.api_key, self.tokenizer = api_key, model.tokenizer
+        self.access, self.limits, self.tokenizer = access, limits, model.tokenizer
         self.max_model_len = engine.engine.max_model_len
-        self.defaults = generation_defaults(model.path)
+        self.defaults = defaults if defaults is not None else generation_defaults(model.path)
         self.created = int(time.time())
+        self.draining = Draining()
 
-    # ---- request checks ---------------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-        if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-
+    # ---- request checks (the key, Host and Origin are checked by serve/security.py) -----------
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.name}`",
@@ -88,9 +84,8 @@ class Server:
                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")})
 
     async def read(self, request: Request, cls):
-        """The request body as `cls`, after the key and model checks (APIError otherwise)."""
-        self.check_auth(request)
-        req = parse(cls, await request.body())
+        """The request body as `cls`, after the model check (APIError otherwise)."""
+        req = await off_loop(parse, cls, await request.body())
         self.check_model(req.model)
         return req
 
@@ -106,6 +101,9 @@ class Server:
             raise APIError(400, str(e), param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def completion_ids(self, req) -> list:
+        return [self.encode(p, "prompt") for p in completion_prompts(req)]
+
     def require_tokenizer(self, param: str):
         if self.tokenizer is None:
             raise APIError(400, f"{self.model.path} has no tokenizer files", param=param)
@@ -119,34 +117,28 @@ class Server:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def submit(self, jobs: list, param: str):
+        if self.draining.active:
+            raise APIError(503, "the server is shutting down; retry on another replica", type="server_error",
+                           code="shutting_down")
+        check_request_seqs(self.limits, len(jobs), jobs[0].n if jobs else 1, param)
+        check_queue(self.limits, max(0, self.engine.outstanding - len(self.engine.scheduler.running)),
+                    sum(j.n for j in jobs))
         try:
             return self.engine.submit(jobs)
         except (GenerationError, SamplingError) as e:
             raise APIError(400, str(e), param=param) from None
 
 
-def generation_defaults(path) -> dict:
-    """Sampling defaults: the checkpoint's generation_config.json where it has them (as vLLM
-    does), else OpenAI's (temperature 1, top_p 1, no penalties)."""
-    out = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-           "repetition_penalty": 1.0}
-    try:
-        with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError, TypeError):
-        return out
-    for key in out:
-        if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
-            out[key] = cfg[key]
-    return out
-
-
 def build_server(model, served_model_name: str | None = None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  kv_cache_fraction: float = 0.5, block_size: int = 16, api_key: str | None = None,
-                 prefix_caching: bool = True) -> Server:
-    """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model."""
+                 prefix_caching: bool = True, limits: Limits | None = None, access: Access | None = None) -> Server:
+    """Engine + KV cache + scheduler + engine thread (not started) around a loaded Model.
+    `access` (Host/Origin/key rules) defaults to a loopback server guarded by `api_key`."""
+    limits = limits or Limits()
+    access = access or Access(api_key=api_key)
+    defaults = generation_defaults(model.path)      # a bad generation_config.json fails before the KV cache
     stops = model.tokenizer.stop_token_ids if model.tokenizer else ()
     engine = Engine(model.model, stop_token_ids=stops, max_model_len=max_model_len, block_size=block_size,
                     graphs=not model.eager, graph_max_batch=max_num_seqs,
@@ -161,7 +153,8 @@ def build_server(model, served_model_name: str | None = None, *, max_num_seqs: i
     scheduler = Scheduler(engine, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           observer=metrics)
     name = served_model_name or os.path.basename(os.path.normpath(str(model.path)))
-    return Server(model, name, AsyncEngine(engine, scheduler, model.tokenizer), metrics, api_key)
+    return Server(model, name, AsyncEngine(engine, scheduler, model.tokenizer), metrics, access, limits,
+                  defaults)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -176,19 +169,18 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="ernie-hal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     metrics = server.metrics
+    # outermost first: unexpected errors -> 500; Host / Origin / key -> 403 / 401; body -> 413 / 408
+    app.add_middleware(BodyLimitMiddleware, limits=server.limits, on_refused=metrics.http_request)
+    app.add_middleware(AccessMiddleware, access=server.access, on_refused=metrics.http_request)
+    app.add_middleware(CatchAllMiddleware, on_error=metrics.http_request)
 
     def error(e: APIError) -> JSONResponse:
         metrics.http_request(e.status)
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=getattr(e, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc):
-        log.exception("unhandled error")
-        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     @app.get("/health")
     async def health():
@@ -203,10 +195,6 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        try:
-            server.check_auth(request)
-        except APIError as e:
-            return error(e)
         metrics.http_request(200)
         card = {"id": server.name, "object": "model", "created": server.created, "owned_by": "ernie-hal",
                 "max_model_len": server.max_model_len, "vocab_size": server.model.config.vocab_size}
@@ -220,13 +208,14 @@ def create_app(server: Server) -> FastAPI:
             if (req.prompt is None) == (req.messages is None):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
             if req.messages is not None:
-                ids = server.chat_ids(req, req.add_generation_prompt)
+                ids = await off_loop(server.chat_ids, req, req.add_generation_prompt)
             else:
-                ids = server.require_tokenizer("prompt").encode(req.prompt, add_special_tokens=req.add_special_tokens)
+                tok = server.require_tokenizer("prompt")
+                ids = await off_loop(tok.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         except APIError as e:
             return error(e)
         metrics.http_request(200)
-        return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
+        return await off_loop(JSONResponse, {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len})
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -238,7 +227,7 @@ def create_app(server: Server) -> FastAPI:
             bad = [t for t in req.tokens if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-            text = tok.decode(req.tokens, skip_special_tokens=False)
+            text = await off_loop(tok.decode, req.tokens, skip_special_tokens=False)
         except APIError as e:
             return error(e)
         metrics.http_request(200)
@@ -249,7 +238,7 @@ def create_app(server: Server) -> FastAPI:
         try:
             req = await server.read(request, ChatCompletionRequest)
             check_common(req)
-            ids = server.chat_ids(req)
+            ids = await off_loop(server.chat_ids, req)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = server.sampling(req, max_tokens, len(ids), None, "messages")
             handle = server.submit([Job(ids, params, req.n, tuple(stop_strings(req.stop)))], "messages")
@@ -269,7 +258,8 @@ def create_app(server: Server) -> FastAPI:
         try:
             req = await server.read(request, CompletionRequest)
             check_common(req)
-            prompts = [server.encode(p, "prompt") for p in completion_prompts(req)]
+            check_request_seqs(server.limits, len(completion_prompts(req)), req.n, "prompt")
+            prompts = await off_loop(server.completion_ids, req)
             stop = tuple(stop_strings(req.stop))
             jobs = [Job(ids, server.sampling(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
                                              echo=req.echo), req.n, stop) for ids in prompts]
@@ -306,9 +296,10 @@ async def _collect(handle) -> list:
     choices = [_Choice() for _ in range(handle.remaining)]
     async for index, out in handle.events():
         if out.error is not None:
-            raise APIError(500, f"generation failed: {out.error}", type="server_error")
+            log.error("generation failed: %s", out.error)
+            raise APIError(500, INTERNAL, type="server_error")
         if out.finish_reason == "abort":
-            raise APIError(503, "the request was aborted (server shutting down)", type="server_error")
+            raise APIError(503, SHUTDOWN, type="server_error", code="shutting_down")
         c = choices[index]
         c.parts.append(out.text)
         if out.token_id is not None:
@@ -341,7 +332,7 @@ async def _answer(request: Request, handle, make_body, metrics) -> JSONResponse:
             metrics.http_request(e.status)
             return JSONResponse(e.body(), status_code=e.status)
         metrics.http_request(200)
-        return JSONResponse(make_body(choices))
+        return await off_loop(lambda: JSONResponse(make_body(choices)))
     finally:
         handle.abort()
         for task in (collector, watcher):
@@ -401,9 +392,12 @@ async def _stream(handle, chunk, final_usage):
     tokens = 0
     try:
         async for index, out in handle.events():
-            if out.error is not None or out.finish_reason == "abort":
-                message = out.error or "the request was aborted (server shutting down)"
-                yield _event(APIError(500, f"generation failed: {message}", type="server_error").body())
+            if out.error is not None:
+                log.error("generation failed: %s", out.error)
+                yield _event(APIError(500, INTERNAL, type="server_error").body())
+                break
+            if out.finish_reason == "abort":
+                yield _event(APIError(503, SHUTDOWN, type="server_error", code="shutting_down").body())
                 break
             tokens += out.token_id is not None
             yield _event(chunk(index, out))

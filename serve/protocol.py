@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..core.runtime.sampling import MAX_LOGPROBS
+from .inputs import MAX_JSON_DEPTH, json_problem
 
 MAX_STOP = 4
 MAX_N = 128
@@ -100,9 +101,14 @@ def parse(cls, raw: bytes):
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
+    problem = json_problem(data)
+    if problem is not None:
+        raise APIError(400, problem[1], param=problem[0], code="invalid_json")
     try:
         return cls.model_validate(data)
     except ValidationError as e:

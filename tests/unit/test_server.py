@@ -52,7 +52,7 @@ def client(url):
 
 def metrics(url) -> dict:
     out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
@@ -81,7 +81,8 @@ def post(url, path, body, key=KEY, raw=None):
 def test_health_models_metrics(url, client):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list().data] == [NAME]
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401      # --api-key guards /metrics too
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "num_requests_waiting",
                  "num_requests_running", "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
                  "kv_cache_usage_ratio", "kv_cache_free_blocks"):

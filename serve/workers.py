@@ -1,0 +1,16 @@
+"""CPU work of the HTTP handlers (JSON parsing, tokenization, detokenization, response bodies)
+runs on a small thread pool, so the event loop keeps answering other clients and /health while
+a large request is being prepared. Tokenizers in Rust release the GIL; pure-Python work still
+yields the loop every switch interval (5 ms)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ernie-hal-http")
+
+
+async def off_loop(fn, *args, **kwargs):
+    return await asyncio.get_running_loop().run_in_executor(_pool, partial(fn, *args, **kwargs))
