@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it holds a checkpoint (a config.json of an ERNIE-4.5 model); anything else is refused")
     m.set_defaults(func=run)
 
 

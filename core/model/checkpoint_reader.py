@@ -80,13 +80,37 @@ def read_header(path: str) -> dict[str, TensorRef]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object, "
                               f"found {type(header).__name__}; re-download this file")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings, "
+                              f"found {str(meta)[:80]}; re-download this file")
     start = 8 + n
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         refs[name] = _parse_entry(path, size, start, name, info)
+    _check_layout(path, size, start, refs)
     return refs
+
+
+def _check_layout(path: str, size: int, start: int, refs: dict) -> None:
+    """The format's rule: the tensors' byte ranges, sorted, tile the data buffer exactly (from 0,
+    no gap, no overlap, up to the end of the file). Overlapping ranges would alias tensors."""
+    at, before = 0, None
+    for ref in sorted(refs.values(), key=lambda r: (r.offset, r.offset + r.nbytes)):
+        begin = ref.offset - start
+        if begin != at:
+            what = (f"overlaps {before.name!r} (bytes {before.offset - start}..{at})" if begin < at
+                    else f"leaves a gap of {begin - at} bytes after {before.name if before else 'the header'!r}")
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {ref.name!r} (bytes {begin}.."
+                                  f"{begin + ref.nbytes}) {what}; the format requires contiguous, non-overlapping "
+                                  f"ranges — re-download or re-export this file")
+        at, before = begin + ref.nbytes, ref
+    if start + at != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: the tensors end at byte {start + at}, the file "
+                              f"has {size} bytes; {size - start - at} trailing bytes belong to no tensor — "
+                              f"re-download this file")
 
 
 def _parse_entry(path, size, start, name, info) -> TensorRef:
@@ -388,6 +412,11 @@ def _scan_index(path: str, index: str) -> dict[str, TensorRef]:
                               f"found {type(weight_map).__name__}; re-download it")
     headers = {}
     for fname in dict.fromkeys(weight_map.values()):
+        if not _plain_name(fname):
+            name = next(n for n, f in weight_map.items() if f == fname)
+            raise CheckpointError(f"{index}: weight_map puts tensor {name!r} in {fname!r}, expected a plain file "
+                                  f"name inside {path} (no directories, no '..', not absolute); the index is "
+                                  f"damaged or hostile — re-download it")
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
             wanted = [n for n, f in weight_map.items() if f == fname]
@@ -405,6 +434,13 @@ def _scan_index(path: str, index: str) -> dict[str, TensorRef]:
                 f"different downloads — re-download them together")
         refs[name] = ref
     return refs
+
+
+def _plain_name(fname: str) -> bool:
+    """A file name that stays inside the checkpoint directory when joined to it (symlinks inside,
+    as the Hugging Face cache makes them, are fine: the name is what the index controls)."""
+    return (bool(fname) and fname not in (".", "..") and "/" not in fname and "\\" not in fname
+            and "\0" not in fname and os.path.basename(fname) == fname and not os.path.isabs(fname))
 
 
 def _dt(dtype: torch.dtype) -> str:

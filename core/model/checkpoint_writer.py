@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -100,11 +101,10 @@ def write_random_checkpoint(config: ModelConfig, out_dir: str, seed: int = 0, dt
         raise ValueError(f"max_shard_bytes must be positive, found {max_shard_bytes}")
     config = config.replace(dtype=dtype_name)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another output directory "
-                              f"or pass overwrite=True (--overwrite)")
+    check_replaceable(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
+    remove_stale_staging(parent)
     tensors = N.expected_tensors(config)
     shards = plan_shards(tensors, max_shard_bytes)
     total = sum(e[3] for s in shards for e in s)
@@ -146,8 +146,68 @@ def _write_shard(path: str, entries: list[tuple], seed: int, progress) -> None:
                     progress(part.numel() * dtype.itemsize)
 
 
+def check_replaceable(out_dir: str, overwrite: bool) -> None:
+    """Raise unless `out_dir` may become the checkpoint: absent, an empty directory, or (with
+    overwrite) a directory that already holds a checkpoint. Anything else is someone's data."""
+    if not os.path.lexists(out_dir):
+        return
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output directory")
+    if not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another output directory "
+                              f"or pass overwrite=True (--overwrite)")
+    try:
+        ModelConfig.from_file(os.path.join(out_dir, "config.json"))
+    except ValueError as e:
+        raise FileExistsError(f"{out_dir} does not hold an ERNIE-4.5 checkpoint ({e}); --overwrite replaces only "
+                              f"a checkpoint directory, so nothing was deleted — choose another output "
+                              f"directory") from None
+
+
+# .NAME.tmp-PID-HEX (being written) and .NAME.old-PID-HEX (the replaced checkpoint, for an
+# instant): the writer's pid in the name tells a later writer whether it is still alive
+_STAGING = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-[0-9a-f]{12}$")
+
+
+def remove_stale_staging(parent: str) -> list:
+    """Delete the staging directories that killed writers left in `parent` (their pid is gone);
+    a replaced checkpoint whose replacement never arrived is put back. Returns the paths handled."""
+    done = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return done
+    for name in names:
+        m = _STAGING.match(name)
+        path = os.path.join(parent, name)
+        if not m or not os.path.isdir(path) or os.path.islink(path) or _alive(int(m.group(3))):
+            continue
+        target = os.path.join(parent, m.group(1))
+        if m.group(2) == "old" and not os.path.lexists(target):
+            os.rename(path, target)      # killed between the two renames: the old one is all there is
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(path)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True       # exists (another user's), or cannot tell: leave it alone
+    return True
+
+
 def _sibling(out_dir: str, tag: str) -> str:
-    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.{tag}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(os.path.dirname(out_dir),
+                        f".{os.path.basename(out_dir)}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def _move_into_place(staging: str, out_dir: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +21,14 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
 
 class ConfigError(ValueError):
     """config.json is missing a field, has a wrong type, or describes an unsupported model."""
+
+
+# Upper bounds far above every released model (300B: 54 layers, hidden 8192, 103424 tokens),
+# low enough that a typo or a hostile file fails at once instead of allocating for minutes.
+MAX_VALUE = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
+             "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+             "max_position_embeddings": 2**24, "moe_num_experts": 4096, "moe_k": 4096,
+             "moe_intermediate_size": 2**18, "moe_num_shared_experts": 64, "moe_layer_interval": 1024}
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: expected a JSON object, found {type(raw).__name__}")
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: field 'architectures' must be a list of names, found {archs!r}")
         known = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
         if archs and not any(a in known for a in archs):
             raise ConfigError(
@@ -95,8 +106,9 @@ class ModelConfig:
                 f"expected one of {list(known)}")
         if model_type is not None and model_type not in ("ernie4_5", "ernie4_5_moe"):
             raise ConfigError(f"{source}: model_type {model_type!r} is not 'ernie4_5' or 'ernie4_5_moe'")
+        experts = raw.get("moe_num_experts", raw.get("num_experts"))
         is_moe = any(a in MOE_ARCHITECTURES for a in archs) or model_type == "ernie4_5_moe" or \
-            int(raw.get("moe_num_experts", raw.get("num_experts", 0)) or 0) > 0
+            (experts is not None and _typed(experts, int, "moe_num_experts", source) > 0)
 
         def need(name, kind=int, alt=None):
             value = raw.get(name, raw.get(alt) if alt else None)
@@ -111,6 +123,8 @@ class ModelConfig:
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field 'rope_parameters' must be an object, found {rope!r}")
         theta = raw.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
         rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
         if rope_type not in (None, "default"):
@@ -121,6 +135,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else 2
+        eos = 2 if eos is None else eos
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}
         kwargs = dict(
             vocab_size=need("vocab_size"),
@@ -169,17 +184,32 @@ class ModelConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a config: JSON nested too deeply") from None
         return cls.from_dict(raw, source=path)
 
     def validate(self, source: str = "config") -> None:
         def check(ok, msg):
             if not ok:
                 raise ConfigError(f"{source}: {msg}")
+        for f in dataclasses.fields(self):      # types first: a replace() or a constructor may pass anything
+            value, kind = getattr(self, f.name), {"int": int, "float": float, "bool": bool}.get(f.type)
+            if kind is not None:
+                _typed(value, kind, f.name, source)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             check(getattr(self, name) > 0, f"field {name!r} must be positive, found {getattr(self, name)}")
+        for name, most in MAX_VALUE.items():
+            check(getattr(self, name) <= most, f"field {name!r} is {getattr(self, name)}, above the sane limit of "
+                                               f"{most}; the file is damaged or not an ERNIE-4.5 config")
+        check(self.rope_theta <= 1e12, f"field 'rope_theta' is {self.rope_theta}, above the sane limit of 1e12")
+        check(self.rms_norm_eps < 1, f"field 'rms_norm_eps' must be below 1, found {self.rms_norm_eps}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            check(-1 <= value < self.vocab_size, f"field {name!r} is {value}, expected a token id below "
+                                                 f"vocab_size ({self.vocab_size})")
         check(self.num_attention_heads % self.num_key_value_heads == 0,
               f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
               f"num_key_value_heads ({self.num_key_value_heads})")
@@ -195,6 +225,10 @@ class ModelConfig:
             check(0 <= self.moe_layer_start_index < self.num_hidden_layers,
                   f"moe_layer_start_index ({self.moe_layer_start_index}) must be a layer index below "
                   f"num_hidden_layers ({self.num_hidden_layers})")
+            check(-1 <= self.moe_layer_end_index < self.num_hidden_layers,
+                  f"moe_layer_end_index ({self.moe_layer_end_index}) must be -1 (the last layer) or a layer "
+                  f"index below num_hidden_layers ({self.num_hidden_layers})")
+            check(0 < self.moe_norm_min < 1, f"field 'moe_norm_min' must be in (0, 1), found {self.moe_norm_min}")
 
     # ---- writing -------------------------------------------------------------------------
     def to_hf_dict(self) -> dict:
@@ -230,17 +264,26 @@ _KNOWN_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} | {
 
 
 def _typed(value, kind, name, source):
+    """`value` as `kind`; a ConfigError naming file and field for anything else (strings, lists,
+    booleans where numbers belong, NaN and Infinity, which Python's json accepts)."""
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{source}: field {name!r} must be true or false, found {value!r}")
+        raise ConfigError(f"{source}: field {name!r} must be true or false, found {_short(value)}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        what = "an integer" if kind is int else "a finite number"
+        raise ConfigError(f"{source}: field {name!r} must be {what}, found {_short(value)}")
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if int(value) != value:
             raise ConfigError(f"{source}: field {name!r} must be an integer, found {value!r}")
         return int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{source}: field {name!r} must be a number, found {value!r}")
     return float(value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # The three released models (docs/model.md section 1) and two tiny ones for tests and the default.
@@ -283,4 +326,5 @@ def preset(name: str, layers: int | None = None) -> ModelConfig:
                           moe_layer_end_index=min(end, layers - 1) if cfg.is_moe else -1)
         if cfg.is_moe and cfg.moe_layer_start_index >= layers:
             cfg = cfg.replace(moe_layer_start_index=layers - 1)
+        cfg.validate(f"preset {name!r} with --layers {layers}")
     return cfg

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
-from .checkpoint_writer import write_random_checkpoint
+from .checkpoint_writer import (_move_into_place, _sibling, check_replaceable, remove_stale_staging,
+                                write_random_checkpoint)
 from .config import PRESETS, preset
 
 DEFAULT_PRESET = "tiny-moe"
@@ -29,19 +29,18 @@ def make_random_model(config, out_dir: str, seed: int = 0, dtype: str = "bfloat1
     """Checkpoint + byte tokenizer, appearing at `out_dir` all at once or not at all."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    check_replaceable(out_dir, overwrite)      # before anything is written or deleted
     os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or remove it")
-    staging = tempfile.mkdtemp(prefix=".ernie-hal-", dir=parent)
+    remove_stale_staging(parent)
+    staging = _sibling(out_dir, "tmp")
+    os.mkdir(staging)
     try:
         inner = os.path.join(staging, "model")
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         write_random_checkpoint(config, inner, seed=seed, dtype=dtype, progress=progress, **kwargs)
         from .tokenizer import write_byte_tokenizer
         write_byte_tokenizer(inner)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(inner, out_dir)
+        _move_into_place(inner, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -128,6 +128,8 @@ class Tokenizer:
                                          **{**self.special_tokens_map(), **kwargs})
         except TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
+        except Exception as e:      # a template can raise anything (1/0, a bad index, deep recursion)
+            raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     # ---- what subclasses fill in ---------------------------------------------------------------
     def _encode(self, text: str) -> list:
