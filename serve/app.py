@@ -13,7 +13,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +27,7 @@ from .limits import BodyLimitMiddleware, Limits, check_queue, check_request_seqs
 from .metrics import ServerMetrics
 from .security import Access, AccessMiddleware
 from .shutdown import Draining
-from .workers import off_loop
+from .workers import off_loop, tokens_json
 from . import logprobs as lpfmt
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        chat_messages, check_common, completion_prompts, logprobs_count, parse, stop_strings)
@@ -215,7 +215,7 @@ def create_app(server: Server) -> FastAPI:
         except APIError as e:
             return error(e)
         metrics.http_request(200)
-        return await off_loop(JSONResponse, {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len})
+        return Response(await off_loop(tokens_json, ids, server.max_model_len), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from .protocol import APIError
 
 MiB = 2**20
+DRAIN = 4       # an oversized body up to 4x the limit is read and dropped before the 413
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,37 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         limit = self.limits.max_request_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await self._refuse(send, 413, f"the request body is {int(length)} bytes; this server "
-                                                 f"takes at most {limit} (--max-request-bytes)", "request_too_large")
-        chunks, size = [], 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout
-        while True:
+
+        async def next_message():
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                return await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
+                return None
+
+        async def too_large(message):
+            # read on (and drop) a body of up to DRAIN x the limit, so the client, still sending,
+            # gets to read the 413 instead of a reset connection; anything bigger is cut off
+            seen = size
+            while message is not None and message.get("more_body", False) and seen <= DRAIN * limit:
+                message = await next_message()
+                seen += len(message.get("body", b"")) if message else 0
+            return await self._refuse(send, 413, f"the request body is {'over ' if not known else ''}"
+                                                 f"{known or limit} bytes; this server takes at most {limit} "
+                                                 f"(--max-request-bytes)", "request_too_large")
+
+        known = int(length) if length is not None and length.isdigit() else None
+        size = 0
+        if known is not None and known > limit:
+            if known > DRAIN * limit:
+                return await self._refuse(send, 413, f"the request body is {known} bytes; this server takes at "
+                                                     f"most {limit} (--max-request-bytes)", "request_too_large")
+            return await too_large({"more_body": True})
+        chunks = []
+        while True:
+            message = await next_message()
+            if message is None:
                 return await self._refuse(send, 408, f"the request body did not arrive within "
                                                      f"{self.limits.body_timeout:g} s (--body-timeout)",
                                           "request_timeout")
@@ -97,8 +119,7 @@ class BodyLimitMiddleware:
                 return None
             size += len(message.get("body", b""))
             if size > limit:
-                return await self._refuse(send, 413, f"the request body is over {limit} bytes, the most this "
-                                                     f"server takes (--max-request-bytes)", "request_too_large")
+                return await too_large(message)
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
