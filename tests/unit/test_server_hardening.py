@@ -195,12 +195,13 @@ def test_health_answers_while_large_requests_are_processed(roomy):
     in flight: /health still answers at once. The bound is generous for a loaded CI machine; the
     figure without the fix was 13 s."""
     prompt = "hello world " * 350_000
+    raw = json.dumps({"prompt": prompt}).encode()     # encoded here: the client shares this process's GIL
     done = threading.Event()
     results = {}
 
     def big():
         try:
-            results["tokenize"] = post(roomy.url, "/tokenize", {"prompt": prompt}, timeout=120)
+            results["tokenize"] = post(roomy.url, "/tokenize", raw=raw, timeout=120)
             results["completion"] = post(roomy.url, "/v1/completions", {"prompt": ["a b c"] * 16, "max_tokens": 8,
                                                                         "ignore_eos": True}, timeout=120)
         finally:
@@ -216,9 +217,12 @@ def test_health_answers_while_large_requests_are_processed(roomy):
             latencies.append(time.perf_counter() - t0)
             time.sleep(0.01)
     worker.join()
-    assert results["tokenize"].status_code == 200 and results["tokenize"].json()["count"] == len(prompt)
+    tail = results["tokenize"].content[-100:].decode()          # not parsed: 4M ids would hold the GIL
+    assert results["tokenize"].status_code == 200 and f'"count":{len(prompt)},' in tail
     assert results["completion"].status_code == 200
     latencies.sort()
+    print(f"/health while busy: {len(latencies)} probes, median {latencies[len(latencies) // 2] * 1e3:.1f} ms, "
+          f"max {latencies[-1] * 1e3:.1f} ms")
     assert len(latencies) >= 5
     assert latencies[len(latencies) // 2] < 0.1, f"median /health {latencies[len(latencies) // 2]:.3f} s"
     assert latencies[-1] < 1.0, f"slowest /health {latencies[-1]:.3f} s"
