@@ -13,6 +13,14 @@ log = logging.getLogger("ernie_hal.serve")
 INTERNAL = "internal server error; the details are in the server log"
 
 
+class Overloaded(APIError):
+    """429: the waiting queue is full; `headers` carries Retry-After, as an overloaded server sends."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(429, message, type="server_error", code="server_overloaded")
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class CatchAllMiddleware:
     def __init__(self, app, on_error=None):
         self.app, self.on_error = app, on_error

@@ -9,8 +9,6 @@ import json
 import math
 from dataclasses import dataclass, fields
 
-from .protocol import APIError
-
 MiB = 2**20
 DRAIN = 4       # an oversized body up to 4x the limit is read and dropped before the 413
 
@@ -37,15 +35,9 @@ class Limits:
                 raise ValueError(f"{flag} must be a positive finite number of seconds, got {value!r}")
 
 
-class Overloaded(APIError):
-    """429: the waiting queue is full; `headers` carries Retry-After, as an overloaded server sends."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(429, message, type="server_error", code="server_overloaded")
-        self.headers = {"Retry-After": str(retry_after)}
-
-
+# (protocol and errors import pydantic: imported where used, so the CLI's flags stay light)
 def check_request_seqs(limits: Limits, num_prompts: int, n: int, param: str) -> None:
+    from .protocol import APIError
     if num_prompts * n > limits.max_seqs_per_request:
         raise APIError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
                             f"this server takes at most {limits.max_seqs_per_request} per request "
@@ -53,6 +45,7 @@ def check_request_seqs(limits: Limits, num_prompts: int, n: int, param: str) -> 
 
 
 def check_queue(limits: Limits, waiting: int, adding: int) -> None:
+    from .errors import Overloaded
     if waiting + adding > limits.max_waiting_seqs:
         raise Overloaded(f"the server is overloaded: {waiting} sequences are waiting (at most "
                          f"{limits.max_waiting_seqs}, --max-waiting-seqs); retry after {limits.retry_after} s",
@@ -61,6 +54,7 @@ def check_queue(limits: Limits, waiting: int, adding: int) -> None:
 
 # ---- the body: size and read time, before any handler sees it ----------------------------------
 def _error_response(status: int, message: str, code: str):
+    from .protocol import APIError
     body = json.dumps(APIError(status, message, code=code).body()).encode()
     # the unread rest of the body would be taken for the next request: close the connection
     return [{"type": "http.response.start", "status": status,

@@ -17,8 +17,6 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .protocol import APIError
-
 OPEN_PATHS = ("/health",)            # probes of load balancers and orchestrators carry no key
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -60,8 +58,9 @@ class Access:
     def check_host(self) -> bool:
         return "*" not in self.allowed_hosts and (is_loopback(self.bound_host) or bool(self.allowed_hosts))
 
-    def refusal(self, method: str, path: str, headers: dict) -> APIError | None:
-        """Why this request is refused, or None."""
+    def refusal(self, method: str, path: str, headers: dict):
+        """Why this request is refused (an APIError), or None."""
+        from .protocol import APIError       # pydantic: not at import, the CLI's flags use Access
         host = headers.get("host", "")
         if self.check_host:
             name = host_name(host)
