@@ -72,8 +72,8 @@ def checked(args) -> tuple:
             return
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 (any free port) and 65535, got {args.port}")
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size"):
         positive(name.replace("_", "-"), getattr(args, name))
     if args.block_size > 1024:

@@ -340,8 +340,8 @@ def test_cross_origin_posts_are_refused_unless_allowed(roomy):
 
 # ---- the command line -------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,words", [
-    (["--port", "99999"], "--port must be between 1 and 65535"),
-    (["--port", "0"], "--port"),
+    (["--port", "99999"], "--port must be between 0 (any free port) and 65535"),
+    (["--port", "-1"], "--port"),
     (["--max-model-len", "-5"], "--max-model-len must be a positive integer"),
     (["--block-size", "0"], "--block-size must be a positive integer"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
