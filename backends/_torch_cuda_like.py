@@ -301,7 +301,7 @@ def make_caps(props: DeviceProps, spec: DeviceSpec | None, *, dtypes: tuple, gra
     smem = props.shared_memory_optin or (spec.shared_memory if spec else 0) or props.shared_memory_per_block
     return Capabilities(dtypes=dtypes, pinned_host_memory=True, async_copy=True, streams=True,
                         graphs=graphs, warp_size=props.warp_size or (spec.warp_size if spec else default_warp),
-                        max_shared_memory=smem, triton=triton)
+                        max_shared_memory=smem, triton=triton, collectives=_collectives())
 
 
 def make_info(backend: str, index: int, props: DeviceProps, arch: str, spec: DeviceSpec | None) -> DeviceInfo:
@@ -370,3 +370,9 @@ class CudaLikeBackend(Backend):
         # memory torch has cached but not handed out is free to us too
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return int(free + max(0, cached))
+
+
+def _collectives() -> str:
+    """NCCL where this torch has it (RCCL answers the same API on ROCm), else gloo."""
+    import torch.distributed as dist
+    return "nccl" if dist.is_available() and dist.is_nccl_available() else "gloo"

@@ -106,6 +106,8 @@ class Model:
         self.model, self.tokenizer, self.random_weights = model, tokenizer, random_weights
         self.rss_before_load = rss_before_load
         self.plan = plan              # placement.Plan: where every weight lives
+        self.parallel = None          # tensor parallel: the layout (what each rank holds), as data
+        self.group = None             # tensor parallel: this process's parallel.group.RankGroup
         self.eager = eager            # True: no decode graphs, every step launched op by op
         self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else (),
                              graphs=not eager, prefix_caching=prefix_caching)
@@ -172,6 +174,8 @@ class Model:
         close = getattr(self.model.weights, "close", None)
         if close is not None:
             close()
+        if self.group is not None:    # the other ranks leave, then the process group ends
+            self.group.close(stop=self.model.stop)
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
@@ -201,7 +205,8 @@ OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
 def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtype="auto",
          allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
          offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
-         expert_stats: dict | None = None, eager: bool = False, prefix_caching: bool = False) -> Model:
+         expert_stats: dict | None = None, eager: bool = False, prefix_caching: bool = False,
+         tensor_parallel_size: int = 1, expert_parallel: bool = False) -> Model:
     """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
     default). `device` is a request ("auto", "rocm:1", ...) or a Backend object already built
     (pick_device's answer, or an emulated one). `progress(done_bytes, total_bytes)` is called
@@ -217,7 +222,24 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     Decode steps replay captured device graphs where the backend can capture them and every
     weight is resident; `eager=True` turns that off (`Model.engine.decode_graphs` says which).
     `prefix_caching=True`: `generate` calls reuse the KV blocks of prompt prefixes that earlier
-    calls computed (a conversation's earlier turns; the server has its own engine, on by default)."""
+    calls computed (a conversation's earlier turns; the server has its own engine, on by default).
+
+    `tensor_parallel_size=N` splits the model over N ranks (core/parallel): this process is rank 0
+    and starts N - 1 worker processes (device i for rank i; on cpu N processes), or, under torchrun,
+    joins the group torchrun started (ranks > 0 then follow rank 0's steps and exit when it does).
+    `expert_parallel=True` gives each rank whole routed experts instead of a slice of every one."""
+    from .parallel.group import torchrun_env
+    env = torchrun_env()
+    if env is not None and env["world_size"] > 1:
+        if tensor_parallel_size not in (1, env["world_size"]):
+            from .parallel.group import ParallelError
+            raise ParallelError(f"tensor_parallel_size {tensor_parallel_size} but torchrun started "
+                                f"{env['world_size']} ranks (WORLD_SIZE); make them equal")
+        tensor_parallel_size = env["world_size"]
+    if tensor_parallel_size != 1:
+        return _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tensor_parallel_size,
+                              expert_parallel, env, prefix_caching,
+                              budgets=(max_device_memory, max_host_memory, offload))
     device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
     host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
     offload = OFFLOAD_ALIASES.get(offload.lower() if isinstance(offload, str) else offload, offload)
@@ -257,3 +279,69 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     tokenizer = _load_tokenizer(path)
     return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
                  tokenizer, random_weights, rss_before, plan=plan, eager=eager, prefix_caching=prefix_caching)
+
+
+def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, expert_parallel, env,
+                   prefix_caching, budgets) -> Model:
+    """load() over a tensor-parallel group; see core/parallel."""
+    from .parallel.group import ParallelError, join_torchrun, launch_local
+    from .parallel.layout import check, describe
+    from .parallel.model import build_rank
+    max_device, max_host, offload = budgets
+    if max_device is not None or max_host is not None or offload not in ("auto", "none", "on", "off", True, False):
+        raise ParallelError("memory budgets and offload modes are not supported with tensor parallel yet; "
+                            "drop --max-device-memory/--max-host-memory/--offload or use --tensor-parallel-size 1")
+    rss_before = psutil.Process().memory_info().rss
+    backend = device if isinstance(device, Backend) else pick_device(device)
+    path, random_weights = resolve_model_path(path_or_preset)
+    ckpt = Checkpoint.open(path)
+    config = ckpt.config
+    dtype = resolve_dtype(dtype, backend, config)
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
+    check(graph, tp, expert_parallel)             # refuse before any process starts
+    if env is not None:
+        if env["local_rank"]:
+            backend = pick_device(_rank_devices(backend, env["local_rank"] + 1)[env["local_rank"]])
+        group = join_torchrun(env, backend.caps.collectives)
+    else:
+        threads = max(1, torch.get_num_threads() // tp) if backend.caps.unified_memory else 0
+        group = launch_local(tp, backend.caps.collectives, dict(
+            path=path, devices=_rank_devices(backend, tp), dtype=str(dtype).replace("torch.", ""),
+            expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads))
+    try:
+        done = [0]
+
+        def tick(n):
+            done[0] += n
+            if progress is not None:
+                progress(done[0], graph.total_bytes // tp)
+
+        model = build_rank(ckpt, backend, dtype, group, expert_parallel, allow_fallback, progress=tick)
+        if group.rank != 0:         # torchrun: this rank follows rank 0 until it stops the group
+            model.follow()
+            group.close()
+            raise SystemExit(0)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            group.fail(f"rank 0 could not load ({type(e).__name__}); the group is shut down")
+        group.close()
+        raise
+    out = Model(path, config, backend, dtype, model, _load_tokenizer(path), random_weights, rss_before,
+                plan=None, eager=True, prefix_caching=prefix_caching)
+    out.parallel = describe(graph, tp, expert_parallel, dtype)
+    out.group = group
+    import atexit
+    atexit.register(out.close)    # a script that never closes still stops its workers
+    return out
+
+
+def _rank_devices(backend: Backend, n: int) -> list:
+    """Device i for rank i, counted from the chosen one; host-memory devices (cpu) take N ranks."""
+    count = len(get_registry().probe(backend.name).devices)
+    base = backend.info.index
+    if backend.caps.unified_memory and count < base + n:
+        return [f"{backend.name}:{base}"] * n
+    if count < base + n:
+        raise ValueError(f"tensor parallel size {n} from {backend.info.label} needs {backend.name}:{base}.."
+                         f"{backend.name}:{base + n - 1}; {count} {backend.name} device(s) visible")
+    return [f"{backend.name}:{base + r}" for r in range(n)]

@@ -310,6 +310,41 @@ class Checkpoint:
             self.release(name)
         return out
 
+    def read_slice(self, name: str, out: torch.Tensor, dim: int, start: int, stop: int,
+                   release: bool = False) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` into `out` (shape of the
+        slice; any device, dtype converted). Only the slice's bytes are read from the mapping:
+        a row range is one contiguous span, a column range one span per row."""
+        ref = self.ref(name)
+        shape = list(ref.shape)
+        if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+            raise ValueError(f"read_slice({name!r}): [{start}, {stop}) on dim {dim} is outside shape {shape}")
+        shape[dim] = stop - start
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"read_slice({name!r}): out has shape {list(out.shape)}, the slice is {shape}")
+        if out.numel() == 0:
+            return out
+        mm = self._shards[ref.file].map()
+        item = ref.dtype.itemsize
+        if ref.offset % item == 0:   # a strided view over the mapping: copy_ touches only the slice
+            src = torch.frombuffer(mm, dtype=ref.dtype, count=ref.numel, offset=ref.offset)
+            src = src.view(ref.shape).narrow(dim, start, stop - start)
+        else:                        # unaligned: gather the slice's bytes, then reinterpret
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=ref.nbytes, offset=ref.offset)
+            raw = raw.view(*ref.shape[:-1], ref.shape[-1] * item)
+            last = dim == len(ref.shape) - 1
+            src = raw.narrow(dim, start * item if last else start, (stop - start) * (item if last else 1))
+            src = src.contiguous().view(ref.dtype)
+        src = src.reshape(shape)
+        if out.device.type != "cpu" and out.dtype != src.dtype:
+            out.copy_(src.to(out.device))
+        else:
+            out.copy_(src)
+        del src
+        if release:
+            self.release(name)
+        return out
+
     def view(self, name: str) -> torch.Tensor:
         """Zero-copy CPU tensor over the mapped file. It keeps the mapping alive (even past close())
         until it is freed; writes to it stay private to this process (copy-on-write), and a

@@ -45,6 +45,7 @@ class Capabilities:
     max_shared_memory: int = 0
     triton: bool = False          # Triton kernels can be launched on this device
     unified_memory: bool = False  # device memory is host memory (cpu, APUs): one budget covers both
+    collectives: str = "gloo"     # the torch.distributed backend for this device's tensors ("nccl", ...)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,12 @@ class Backend:
         if not self.caps.graphs:
             raise NotImplementedError(f"{self.info.label} cannot capture device graphs")
         return self._capture_graph(fn)
+
+    def communicator(self, rank: int, world_size: int, group=None):
+        """The collectives (all_reduce, all_gather, broadcast) for this device's tensors, over an
+        initialized torch.distributed process group (None: the default group)."""
+        from .communicator import Communicator
+        return Communicator(rank, world_size, group=group)
 
     def free_memory(self) -> int:
         """Bytes still available under both the device and the budget."""

@@ -109,6 +109,9 @@ class ErnieModel:
         self.backend, self.kernels, self.weights, self.dtype = backend, kernels, weights, dtype
         c = self.config
         self.scale = c.head_dim ** -0.5
+        # tensor-parallel ranks only (core/parallel binds them); a single process has no collectives
+        self.all_reduce = getattr(kernels, "ops", {}).get("all_reduce")
+        self.all_gather = getattr(kernels, "ops", {}).get("all_gather")
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta, kv, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,7 +130,7 @@ class ErnieModel:
         T = ids.shape[0]
         nh, nkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
         table, rows = W.embedding(ids)
-        x = k.embedding(rows, table)
+        x = self._reduce(k.embedding(rows, table))
         residual = None
         for i in range(c.num_hidden_layers):
             lw = W.layer(i)
@@ -141,7 +144,7 @@ class ErnieModel:
             q = k.rope_kv_write(q, kk, v, meta.positions, c.rope_theta, kv.k[i], kv.v[i], meta.slot_mapping)
             attn = k.gqa_attention(q, kv.k[i], kv.v[i], meta.block_tables, meta.context_lens,
                                    meta.query_start_loc, self.scale)
-            x = k.linear(attn.reshape(T, nh * d), lw.o)
+            x = self._reduce(k.linear(attn.reshape(T, nh * d), lw.o))
             h, residual = k.add_rms_norm(x, residual, lw.post_norm, eps)
             if lw.mlp is not None:
                 x = k.swiglu_mlp(h, *lw.mlp)
@@ -149,6 +152,7 @@ class ErnieModel:
                 x = k.moe(h, lw.router, lw.bias, *lw.experts, c.moe_k, c.moe_norm_min, shared=lw.shared)
             else:
                 x = self._staged_moe(i, h, lw)
+            x = self._reduce(x)
         final_norm, head = W.output()
         h, _ = k.add_rms_norm(x, residual, final_norm, eps)
         return h, head
@@ -156,9 +160,15 @@ class ErnieModel:
     @torch.inference_mode()
     def project(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """float32 logits of hidden rows `h`; ends the step for the weight store."""
-        logits = self.kernels.linear(h, head).float()
+        logits = self.kernels.linear(h, head)
+        if self.all_gather is not None:     # vocabulary-parallel head: every rank's columns, unpadded
+            logits = self.all_gather(logits, dim=-1)[:, :self.config.vocab_size]
+        logits = logits.float()
         self.weights.step_done()
         return logits
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.all_reduce is None else self.all_reduce(x)
 
     def _staged_moe(self, i: int, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Route first; the store brings only the picked experts to the device. Same ops and

@@ -1,0 +1,87 @@
+"""ParallelModel: the executor on one rank of a tensor-parallel group.
+
+Rank 0 runs the engine and scheduler as in one process; its `forward` first broadcasts the step
+description (core/parallel/step.py), then runs its share of the step. The other ranks `follow`:
+receive each step, run the same forward on their own KV cache, and leave when rank 0 stops.
+The collectives inside the forward come from the kernel table (`all_reduce`, `all_gather`).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..model.checkpoint_reader import Checkpoint
+from ..model.graph import build
+from ..plugins.communicator import CollectiveError
+from ..plugins.kernel_table import OpSpec
+from ..plugins.registry import get_registry
+from ..runtime.executor import ErnieModel
+from ..runtime.kvcache import KVCache
+from . import step as steps
+from .layout import layout, local_config
+from .weights import ShardedWeights
+
+_generations = itertools.count(1)
+
+
+class ParallelModel(ErnieModel):
+    def __init__(self, graph, backend, kernels, weights, dtype, group, lay):
+        super().__init__(graph, backend, kernels, weights, dtype)
+        self.group, self.layout = group, lay
+
+    @torch.inference_mode()
+    def forward(self, ids, meta, kv, logit_rows=None):
+        g = self.group
+        g.check()
+        try:
+            if g.rank == 0:
+                gen = getattr(kv, "_tp_generation", None)
+                if gen is None:            # a new KV cache (the engine regrew it): followers reallocate
+                    gen = kv._tp_generation = next(_generations)
+                steps.send(g.control, steps.Step(ids, meta, logit_rows, gen, kv.num_blocks, kv.block_size))
+            return super().forward(ids, meta, kv, logit_rows)
+        except CollectiveError as e:
+            raise g.error(e) from None
+
+    def follow(self) -> None:
+        """Ranks > 0: run rank 0's steps until it stops the group."""
+        g, kv, gen = self.group, None, None
+        while True:
+            try:
+                s = steps.receive(g.control, self.backend.device)
+            except CollectiveError as e:
+                raise g.error(e) from None
+            if s is None:
+                return
+            if s.kv_generation != gen:
+                if kv is not None:
+                    self.backend.release(kv.nbytes)
+                c = self.config
+                kv = KVCache(c.num_hidden_layers, s.kv_blocks, s.block_size, c.num_key_value_heads,
+                             c.head_dim, self.dtype, self.backend.device, alloc=self.backend.alloc)
+                gen = s.kv_generation
+            self.forward(s.ids, s.meta, kv, s.logit_rows)
+
+    def stop(self) -> None:
+        steps.send_stop(self.group.control)
+
+
+def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_parallel: bool,
+               allow_fallback: bool = True, progress=None) -> ParallelModel:
+    """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives."""
+    config = ckpt.config
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
+    ckpt.validate(graph.expected_tensors())
+    lay = layout(graph, group.world_size, group.rank, expert_parallel)
+    local = local_config(graph, lay)
+    kernels = get_registry().kernel_table(backend, OpSpec.for_model(local, dtype, allow_fallback))
+    comm = backend.communicator(group.rank, group.world_size)
+    for op, fn in (("all_reduce", comm.all_reduce), ("all_gather", comm.all_gather)):
+        kernels.ops[op] = fn
+        kernels.sources[op] = f"torch.distributed ({backend.caps.collectives})"
+    weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress)
+    local_graph = type(graph)(config=local, embed=graph.embed, blocks=graph.blocks,
+                              final_norm=graph.final_norm, head=graph.head)
+    return ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
