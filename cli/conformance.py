@@ -37,9 +37,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help="fp32 fp16 bf16 (default: what the device supports; under the interpreter bf16 "
                         "Triton kernels are skipped unless named here)")
-    p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops (and 'model', 'decode_graphs'): {', '.join(OPS)}")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"only these ops (and 'model', 'decode_graphs', 'parallel'): {', '.join(OPS)}")
     p.add_argument("--slow", action="store_true", help="add the production-size shapes")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model rows")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", dest="tensor_parallel_size",
+                   help="also check the tiny models split over N ranks (worker processes) against one process")
+    p.add_argument("--expert-parallel", action="store_true", help="with --tp: partition the routed experts")
     p.add_argument("--json", metavar="FILE", help="write {\"results\": [...]} to FILE ('-': stdout)")
     p.set_defaults(func=run)
 
@@ -82,7 +85,8 @@ def run(args) -> int:
                 continue
             backend = registry.pick(text)
         rows = conf.run(registry, backend, ops=ops, dtypes=dtypes, slow=args.slow,
-                        models=not args.no_model, forced_dtypes=bool(dtypes))
+                        models=not args.no_model, forced_dtypes=bool(dtypes),
+                        tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
         results += rows
         mode = ", Triton interpreter" if conf.emulated(backend) else ""
         tables.append((f"{backend.info.label}  {backend.info.name}  ({backend.info.arch}{mode})", rows, False))
@@ -129,6 +133,10 @@ def _argv(args) -> list:
         out.append("--slow")
     if args.no_model:
         out.append("--no-model")
+    if args.tensor_parallel_size != 1:
+        out += ["--tp", str(args.tensor_parallel_size)]
+    if args.expert_parallel:
+        out.append("--expert-parallel")
     if args.json:
         out += ["--json", args.json if args.json == "-" else os.path.abspath(args.json)]
     return out
@@ -152,7 +160,7 @@ def _table(title: str, rows: list, is_absent: bool) -> str:
     impls: dict = {}
     for r in rows:
         grid.setdefault((r.op, r.shape), {})[r.dtype] = r
-        if r.impl and r.op not in ("model", "decode_graphs"):
+        if r.impl and r.op not in ("model", "decode_graphs", "parallel"):
             impls.setdefault(r.op, r.impl)
     notes: dict = {}
     width = max([len(s) for _, s in grid] + [5])

@@ -61,6 +61,9 @@ def run(args) -> int:
           file=sys.stderr)
     if args.show_plan and model.plan is not None:
         print(model.plan.table(), file=sys.stderr)
+    if args.show_plan and model.parallel is not None:
+        from ..core.parallel.layout import table
+        print(table(model.parallel), file=sys.stderr)
     prompts = args.prompt
     stream = len(prompts) == 1 and not args.json
     decoder = model.tokenizer.stream_decoder() if stream and model.tokenizer else None
@@ -80,7 +83,8 @@ def run(args) -> int:
         payload = {"text": out[0].text, "token_ids": out[0].token_ids, "finish_reason": out[0].finish_reason,
                    "metrics": m, "device": info.label, "dtype": str(model.dtype).replace("torch.", ""),
                    "random_weights": model.random_weights, "kernels": model.kernels,
-                   "plan": model.plan.as_dict() if model.plan is not None else None}
+                   "plan": model.plan.as_dict() if model.plan is not None else None,
+                   "parallel": model.parallel}
         if len(out) > 1:
             payload["choices"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
                                   for c in out]

@@ -1,4 +1,4 @@
-"""The loading flags `generate` and `serve` share, and the load() keywords they become."""
+"""The loading flags `generate`, `chat` and `serve` share, and the load() keywords they become."""
 
 
 def add_load_flags(p) -> None:
@@ -13,6 +13,11 @@ def add_load_flags(p) -> None:
                         "experts: non-expert weights resident, routed experts through a cache")
     p.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"],
                    help="eviction policy of the device-side expert cache")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", dest="tensor_parallel_size",
+                   help="split the model over N ranks: N worker processes on this machine (device i for rank i), "
+                        "or the ranks torchrun started")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tp: give each rank whole routed experts instead of a slice of every expert")
     p.add_argument("--eager", action="store_true",
                    help="launch every decode step op by op instead of replaying captured device graphs")
 
@@ -20,4 +25,5 @@ def add_load_flags(p) -> None:
 def load_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
                 max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
-                offload=args.offload, expert_cache=args.expert_cache, eager=args.eager)
+                offload=args.offload, expert_cache=args.expert_cache, eager=args.eager,
+                tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)

@@ -115,6 +115,8 @@ def run(args) -> int:
     if args.max_model_len is not None and args.max_model_len > model.config.max_position_embeddings:
         raise ValueError(f"--max-model-len {args.max_model_len} is longer than the model's context of "
                          f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
+    if model.group is not None:      # a lost rank ends the server too (the message is printed first)
+        model.group.on_failure = lambda message: os._exit(1)
     server = build_server(
         model, args.served_model_name or args.model or DEFAULT_PRESET, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

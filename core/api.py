@@ -345,3 +345,23 @@ def _rank_devices(backend: Backend, n: int) -> list:
         raise ValueError(f"tensor parallel size {n} from {backend.info.label} needs {backend.name}:{base}.."
                          f"{backend.name}:{base + n - 1}; {count} {backend.name} device(s) visible")
     return [f"{backend.name}:{base + r}" for r in range(n)]
+
+
+def parallel_plan(path_or_preset, tensor_parallel_size: int, expert_parallel: bool = False, dtype="bf16") -> dict:
+    """The tensor-parallel layout of a checkpoint or preset from its config alone (nothing is read
+    or written): per rank its heads, vocabulary rows, experts and bytes. dtype "wint8" estimates
+    1 byte per element of the linear weights."""
+    from .model.config import ModelConfig, preset
+    from .parallel.layout import describe
+    if path_or_preset is not None and os.path.isdir(path_or_preset):
+        ckpt = Checkpoint.open(path_or_preset)
+        config, untied = ckpt.config, ckpt.lm_head_name == "lm_head.weight"
+    elif path_or_preset is None or defaults.is_preset(path_or_preset):
+        config, untied = preset(path_or_preset or defaults.DEFAULT_PRESET), None
+    else:
+        resolve_model_path(path_or_preset)       # raises the usual "neither a directory nor a preset"
+        config, untied = ModelConfig.from_file(path_or_preset), None
+    graph = build(config, untied_head=untied)
+    quant = str(dtype).lower() == "wint8"
+    torch_dtype = torch.bfloat16 if quant else DTYPES[str(dtype).lower()]
+    return describe(graph, tensor_parallel_size, expert_parallel, torch_dtype, 1.0 if quant else None)

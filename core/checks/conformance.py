@@ -234,10 +234,10 @@ CASES = (
 
 def cases(ops=None, slow: bool = False) -> list:
     """The cases for `ops` (None: all); "model" and "decode_graphs" name whole-model rows."""
-    wanted = set(OPS) if ops is None else set(ops) - {"model", "decode_graphs"}
+    wanted = set(OPS) if ops is None else set(ops) - {"model", "decode_graphs", "parallel"}
     unknown = wanted - set(OPS)
     if unknown:
-        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}, model, decode_graphs")
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}, model, decode_graphs, parallel")
     return [c for c in CASES if c.op in wanted and (slow or not c.slow)]
 
 
@@ -452,14 +452,46 @@ def run_decode_graphs(backend, preset: str, dtype: torch.dtype, forced: bool = F
                   reason="" if differ == 0 else f"{differ} greedy tokens differ from the eager run; {state}")
 
 
+def run_parallel(backend, preset: str, dtype: torch.dtype, tp: int, expert_parallel: bool,
+                 forced: bool = False) -> Result:
+    """The model split over `tp` ranks (worker processes on this backend's devices) gives the
+    logits of one process on the same device, ragged prefill and decode steps included."""
+    from ..api import load
+    from ..model.defaults import random_model_path
+    mode = "expert" if expert_parallel else "tensor"
+    row = dict(backend=backend.name, device=backend.info.name, op="parallel", dtype=dtype_name(dtype),
+               shape=f"{preset}: {mode} parallel x{tp} vs 1 process")
+    why = skip_reason(backend, dtype, forced=forced) or (
+        "emulated backends cannot start worker processes" if emulated(backend) else "")
+    if why:
+        return Result(**row, status="skip", max_error=None, reason=why)
+    path = random_model_path(preset)
+    split = None
+    try:
+        want = model_logits(load(path, device=backend, dtype=dtype).model).double()
+        split = load(path, device=backend.info.label, dtype=dtype, tensor_parallel_size=tp,
+                     expert_parallel=expert_parallel and "moe" in preset)
+        got = model_logits(split.model)
+    except Exception as e:
+        return Result(**row, status="fail", max_error=None, reason=f"{type(e).__name__}: {e}")
+    finally:
+        if split is not None:
+            split.close()
+    atol, rtol = MODEL_TOLERANCE[dtype]
+    ok, err, why = compare([got], [want], atol, rtol)
+    return Result(**row, status="pass" if ok else "fail", max_error=err, reason=why,
+                  impl=f"all_reduce={split.kernels.get('all_reduce', '?')}")
+
+
 # ---- the matrix -------------------------------------------------------------------------------
 def run(registry, backend, ops=None, dtypes=None, slow: bool = False, models: bool = True,
-        forced_dtypes: bool = False, progress=None) -> list:
+        forced_dtypes: bool = False, progress=None, tensor_parallel_size: int = 1,
+        expert_parallel: bool = False) -> list:
     """Every case x dtype on `backend`, then the model rows. `dtypes` None: the backend's."""
     dts = list(dtypes) if dtypes else [d for d in (torch.float32, torch.float16, torch.bfloat16)
                                        if d in backend.caps.dtypes]
     out = []
-    kernel_ops = None if ops is None else [op for op in ops if op not in ("model", "decode_graphs")]
+    kernel_ops = None if ops is None else [op for op in ops if op not in ("model", "decode_graphs", "parallel")]
     for case in cases(kernel_ops, slow) if kernel_ops is None or kernel_ops else []:
         for dt in dts:
             r = run_case(registry, backend, case, dt, forced=forced_dtypes)
@@ -479,6 +511,13 @@ def run(registry, backend, ops=None, dtypes=None, slow: bool = False, models: bo
             out.append(r)
             if progress:
                 progress(r)
+    if models and tensor_parallel_size > 1 and (ops is None or "parallel" in ops):
+        for preset in MODEL_PRESETS:
+            for dt in dts:
+                r = run_parallel(backend, preset, dt, tensor_parallel_size, expert_parallel, forced=forced_dtypes)
+                out.append(r)
+                if progress:
+                    progress(r)
     return out
 
 

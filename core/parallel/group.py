@@ -55,6 +55,7 @@ class RankGroup:
         self.control = None               # gloo communicator for step descriptions
         self.closed = False
         self._monitor = None
+        self.on_failure = None            # called with the message once a rank is lost (the CLI exits)
 
     # ---- joining ----------------------------------------------------------------------------
     def init(self, collectives: str, **kwargs) -> None:
@@ -85,6 +86,8 @@ class RankGroup:
             self.failure = message
             print(f"ernie-hal: {message}", file=sys.stderr, flush=True)
         self._end_workers()
+        if self.on_failure is not None:
+            self.on_failure(message)
 
     def error(self, cause: Exception | None = None) -> ParallelError:
         """The error to raise after a collective failed: names the dead rank when known."""
