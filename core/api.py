@@ -316,7 +316,8 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
             if progress is not None:
                 progress(done[0], graph.total_bytes // tp)
 
-        model = build_rank(ckpt, backend, dtype, group, expert_parallel, allow_fallback, progress=tick)
+        model = build_rank(ckpt, backend, dtype, group, expert_parallel, allow_fallback, progress=tick,
+                           rss_before=rss_before)
         if group.rank != 0:         # torchrun: this rank follows rank 0 until it stops the group
             model.follow()
             group.close()
@@ -329,6 +330,8 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
     out = Model(path, config, backend, dtype, model, _load_tokenizer(path), random_weights, rss_before,
                 plan=None, eager=True, prefix_caching=prefix_caching)
     out.parallel = describe(graph, tp, expert_parallel, dtype)
+    for row, mem in zip(out.parallel["ranks"], model.rank_memory):
+        row.update(rss_before_load_bytes=mem["rss_before_load_bytes"], peak_rss_bytes=mem["peak_rss_bytes"])
     out.group = group
     import atexit
     atexit.register(out.close)    # a script that never closes still stops its workers

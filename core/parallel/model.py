@@ -69,8 +69,10 @@ class ParallelModel(ErnieModel):
 
 
 def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_parallel: bool,
-               allow_fallback: bool = True, progress=None) -> ParallelModel:
-    """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives."""
+               allow_fallback: bool = True, progress=None, rss_before: int | None = None) -> ParallelModel:
+    """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives.
+    Ends with every rank's host memory (RSS before loading, peak after) gathered in
+    `model.rank_memory`."""
     config = ckpt.config
     graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
     ckpt.validate(graph.expected_tensors())
@@ -84,4 +86,22 @@ def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_para
     weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress)
     local_graph = type(graph)(config=local, embed=graph.embed, blocks=graph.blocks,
                               final_norm=graph.final_norm, head=graph.head)
-    return ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
+    model = ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
+    before = _rss() if rss_before is None else rss_before
+    mine = torch.tensor([before, _peak_rss()], dtype=torch.int64)
+    try:
+        rows = group.control.all_gather(mine, dim=0).reshape(-1, 2).tolist()
+    except CollectiveError as e:
+        raise group.error(e) from None
+    model.rank_memory = [dict(rank=r, rss_before_load_bytes=b, peak_rss_bytes=p) for r, (b, p) in enumerate(rows)]
+    return model
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # KiB on Linux

@@ -18,11 +18,13 @@ def main(argv=None) -> int:
     if args.get("threads"):
         torch.set_num_threads(args["threads"])
     rank = args["rank"]
+    import psutil
+    rss_before = psutil.Process().memory_info().rss
     try:
         backend = get_registry().pick(args["devices"][rank])
         group = join_local(args)
         model = build_rank(Checkpoint.open(args["path"]), backend, getattr(torch, args["dtype"]), group,
-                           args["expert_parallel"], allow_fallback=args["allow_fallback"])
+                           args["expert_parallel"], allow_fallback=args["allow_fallback"], rss_before=rss_before)
         model.follow()
     except KeyboardInterrupt:
         return 130

@@ -152,7 +152,7 @@ def test_the_circle_finder_finds_a_deferred_circle():
 
 
 def test_the_rooms_exist():
-    for room in ["cli", "core/model", "core/plugins", "core/runtime", "core/memory", "core/checks"]:
+    for room in ["cli", "core/model", "core/plugins", "core/runtime", "core/memory", "core/parallel", "core/checks"]:
         assert (ROOT / room / "__init__.py").is_file(), room
 
 
@@ -162,6 +162,7 @@ CORE_FLOORS = {
     "core.model": 2,      # what a model is
     "core.runtime": 3,    # running it
     "core.memory": 4,     # where its weights live (stages into the executor's layer weights)
+    "core.parallel": 4,   # how its weights split over ranks (the executor on each rank)
     "core.api": 5,        # load(), devices(), Model
     "core.checks": 6,     # the conformance matrix loads models through the API
 }
