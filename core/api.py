@@ -302,12 +302,13 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
     if env is not None:
         if env["local_rank"]:
             backend = pick_device(_rank_devices(backend, env["local_rank"] + 1)[env["local_rank"]])
-        group = join_torchrun(env, backend.caps.collectives)
+        group = join_torchrun(env, backend.caps.collectives, backend.device)
     else:
         threads = max(1, torch.get_num_threads() // tp) if backend.caps.unified_memory else 0
         group = launch_local(tp, backend.caps.collectives, dict(
             path=path, devices=_rank_devices(backend, tp), dtype=str(dtype).replace("torch.", ""),
-            expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads))
+            expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads),
+            device=backend.device)
     try:
         done = [0]
 

@@ -3,8 +3,10 @@
 # conformance matrix (decode graphs row included), per-op benchmarks, and end-to-end decode and
 # prefill against transformers for the 0.3B and 21B-A3B shapes, with and without decode graphs.
 #
-#   bash scripts/gpu_checks.sh [STEP ...]      steps: env conformance ops e2e-small e2e-21b
-#                                              (default: all but e2e-21b, which takes longest)
+#   bash scripts/gpu_checks.sh [STEP ...]      steps: env conformance ops e2e-small e2e-21b parallel
+#                                              (default: all but e2e-21b and parallel, which take longest)
+# parallel (needs >= 2 GPUs, else skipped with a message): 21B-A3B (8 layers) at TP 2 against TP 1,
+# per-rank memory and tokens/s, and the layout printout of 300B-A47B on 8 GPUs at bf16 and wint8.
 # Environment: DEVICE (cuda), PYTHON (python3), OUT (results folder; default
 # benchmarks/results/gpu), CKPT (where random checkpoints go; default /tmp/ernie-hal-ckpt),
 # QUICK=1 (tiny shapes on any device: checks this script itself).
@@ -33,11 +35,13 @@ if [ "$QUICK" = 1 ]; then
   e2e_big=("${e2e_small[@]}")
   ops=(--small --iters 2 --dtype fp32 --ops rms_norm gqa_attention moe)
   conf=(--dtypes fp32)
+  par=(--model tiny-moe --dtype fp32 --prefill-len 8 --decode-len 3)
 else
   e2e_small=(--models ernie-4.5-0.3b --batches 1 16 --dtype bf16)
   e2e_big=(--models ernie-4.5-21b-a3b --batches 1 16 --dtype bf16 --decode-len 64 --repeat 2)
   ops=(--dtype bf16)
   conf=()
+  par=(--model ernie-4.5-21b-a3b --layers 8 --dtype bf16 --prefill-len 512 --decode-len 64)
 fi
 
 failed=0
@@ -66,7 +70,19 @@ for step in "${steps[@]}"; do
     e2e-21b) run_step e2e-21b 560 "$PY" benchmarks/bench_e2e.py --device "$DEVICE" "${e2e_big[@]}" \
                --engines ernie-hal ernie-hal-eager transformers --checkpoints "$CKPT" \
                --output "$OUT/bench_e2e_${DEVICE}_21b.json" ;;
-    *) echo "unknown step $step (env conformance ops e2e-small e2e-21b)"; failed=$((failed + 1)) ;;
+    parallel)
+      gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+      if [ "$QUICK" != 1 ] && [ "${gpus:-0}" -lt 2 ]; then
+        echo "== parallel: skipped, $gpus GPU(s) visible; tensor parallel needs at least 2"
+      else
+        run_step parallel 560 bash -c "'$PY' benchmarks/bench_parallel.py --device '$DEVICE' ${par[*]} --tp 1 2 \
+            --checkpoints '$CKPT' --output '$OUT/bench_parallel_$DEVICE.json' &&
+          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype bf16 &&
+          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype wint8 &&
+          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype wint8 --json \
+            > '$OUT/plan_300b_tp8_wint8.json'"
+      fi ;;
+    *) echo "unknown step $step (env conformance ops e2e-small e2e-21b parallel)"; failed=$((failed + 1)) ;;
   esac
 done
 echo "gpu_checks: ${#steps[@]} steps, $failed failed; results in $OUT"

@@ -58,9 +58,12 @@ class RankGroup:
         self.on_failure = None            # called with the message once a rank is lost (the CLI exits)
 
     # ---- joining ----------------------------------------------------------------------------
-    def init(self, collectives: str, **kwargs) -> None:
+    def init(self, collectives: str, device=None, **kwargs) -> None:
         import torch.distributed as dist
         from ..plugins.communicator import Communicator
+        bind_device(device)
+        if device is not None and collectives == "nccl":
+            kwargs["device_id"] = device      # NCCL's communicator on this rank's device, not device 0
         dist.init_process_group(backend=collectives, rank=self.rank, world_size=self.world_size,
                                 timeout=COLLECTIVE_TIMEOUT, **kwargs)
         # steps travel on a CPU group whatever the device; it waits as long as a server idles
@@ -138,6 +141,15 @@ class RankGroup:
             dist.destroy_process_group()
 
 
+def bind_device(device) -> None:
+    """Make `device` the calling thread's current device where its torch module has one (cuda,
+    also for ROCm and CoreX); NCCL and kernels launched from this thread then use it."""
+    import torch
+    module = getattr(torch, device.type, None) if device is not None and device.type != "cpu" else None
+    if module is not None and hasattr(module, "set_device"):
+        module.set_device(device)
+
+
 def _status(code: int) -> str:
     if code < 0:
         import signal
@@ -154,7 +166,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(world_size: int, collectives: str, worker_args: dict) -> RankGroup:
+def launch_local(world_size: int, collectives: str, worker_args: dict, device=None) -> RankGroup:
     """Rank 0 here; ranks 1..N-1 as subprocesses running core/parallel/worker.py."""
     from torch.distributed import TCPStore
     port = _free_port()
@@ -169,7 +181,7 @@ def launch_local(world_size: int, collectives: str, worker_args: dict) -> RankGr
     group = RankGroup(0, world_size, 0, procs)
     try:
         _wait_connected(store, procs)
-        group.init(collectives, store=store)
+        group.init(collectives, device=device, store=store)
     except BaseException:
         group._end_workers()
         raise
@@ -193,21 +205,21 @@ def _wait_connected(store, procs) -> None:
         time.sleep(0.05)
 
 
-def join_local(args: dict) -> RankGroup:
+def join_local(args: dict, device=None) -> RankGroup:
     """A worker's side of launch_local."""
     from torch.distributed import TCPStore
     store = TCPStore("127.0.0.1", args["port"], args["world_size"], is_master=False,
                      timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
     store.set(f"ernie-hal/ready/{args['rank']}", "1")
     group = RankGroup(args["rank"], args["world_size"], args["rank"])
-    group.init(args["collectives"], store=store)
+    group.init(args["collectives"], device=device, store=store)
     _watch_parent(args["parent"])
     return group
 
 
-def join_torchrun(env: dict, collectives: str) -> RankGroup:
+def join_torchrun(env: dict, collectives: str, device=None) -> RankGroup:
     group = RankGroup(env["rank"], env["world_size"], env["local_rank"])
-    group.init(collectives, init_method="env://")
+    group.init(collectives, device=device, init_method="env://")
     return group
 
 

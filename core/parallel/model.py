@@ -20,6 +20,7 @@ from ..plugins.registry import get_registry
 from ..runtime.executor import ErnieModel
 from ..runtime.kvcache import KVCache
 from . import step as steps
+from .group import bind_device
 from .layout import layout, local_config
 from .weights import ShardedWeights
 
@@ -35,6 +36,8 @@ class ParallelModel(ErnieModel):
     def forward(self, ids, meta, kv, logit_rows=None):
         g = self.group
         g.check()
+        if self.backend.device.type != "cpu":
+            bind_device(self.backend.device)    # the server steps from its own thread
         try:
             if g.rank == 0:
                 gen = getattr(kv, "_tp_generation", None)

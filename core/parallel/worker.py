@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     rss_before = psutil.Process().memory_info().rss
     try:
         backend = get_registry().pick(args["devices"][rank])
-        group = join_local(args)
+        group = join_local(args, backend.device)
         model = build_rank(Checkpoint.open(args["path"]), backend, getattr(torch, args["dtype"]), group,
                            args["expert_parallel"], allow_fallback=args["allow_fallback"], rss_before=rss_before)
         model.follow()

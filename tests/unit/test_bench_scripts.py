@@ -64,11 +64,12 @@ def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
     script = BENCH.parent / "scripts" / "gpu_checks.sh"
     env = dict(os.environ, QUICK="1", DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
                CKPT=str(tmp_path / "ckpt"))
-    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b"],
+    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b",
+                           "parallel"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "5 steps, 0 failed" in proc.stdout
+    assert "6 steps, 0 failed" in proc.stdout
     out = tmp_path / "out"
     for name in ("devices.json", "conformance_cpu.json", "bench_ops_cpu.json", "bench_e2e_cpu_small.json",
-                 "bench_e2e_cpu_21b.json"):
+                 "bench_e2e_cpu_21b.json", "bench_parallel_cpu.json", "plan_300b_tp8_wint8.json"):
         assert json.loads((out / name).read_text()), name

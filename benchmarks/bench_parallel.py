@@ -1,0 +1,128 @@
+"""Tensor / expert parallel: per-rank memory and tokens/s for N = 1, 2, ... ranks, same checkpoint.
+
+Each N runs in its own process (rank 0; it starts the other N - 1 ranks itself), so each rank's
+peak RSS is its own: growth while loading = peak RSS after loading minus RSS before. Prefill
+tokens/s (one prompt), decode tokens/s (batch 1, greedy), and whether the greedy ids equal N = 1's.
+On a 2-core CPU this measures correctness and memory, not speed: the ranks share the cores.
+
+    python benchmarks/bench_parallel.py [--model DIR|PRESET] [--layers L] [--device cpu] [--tp 1 2]
+
+Without --model a ~130 MiB fp32 checkpoint (hidden 512, 8 layers) is written once to --checkpoints.
+Writes benchmarks/results/bench_parallel_<device>.json (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def checkpoint(args) -> str:
+    from ernie_hal.core.model.config import preset
+    from ernie_hal.core.model.defaults import is_preset, make_random_model
+    if args.model and os.path.isdir(args.model):
+        return args.model
+    if args.model and is_preset(args.model):
+        cfg, name = preset(args.model, args.layers), f"{args.model}-L{args.layers or 'all'}"
+    else:
+        cfg = preset("tiny").replace(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=8192)
+        name = "dense-h512-L8"
+    path = os.path.join(args.checkpoints, f"bench-parallel-{name}-{DTYPES[args.dtype]}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        make_random_model(cfg, path, dtype=DTYPES[args.dtype], overwrite=True)
+    return path
+
+
+def one(args) -> dict:
+    """Runs in the child: load at --tp N, time prefill and decode, report every rank's memory."""
+    import torch
+
+    import ernie_hal
+    from ernie_hal.core.api import peak_rss_bytes
+    t0 = time.perf_counter()
+    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.one,
+                           expert_parallel=args.expert_parallel)
+    load_s = time.perf_counter() - t0
+    prompt = torch.randint(3, model.config.vocab_size, (args.prefill_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    model.generate(prompt[:8], max_new_tokens=2, temperature=0, ignore_eos=True)      # warm-up
+    out = model.generate(prompt, max_new_tokens=args.decode_len, temperature=0, ignore_eos=True)
+    m = out.metrics
+    if model.parallel is None:
+        ranks = [dict(rank=0, load_growth_bytes=peak_rss_bytes() - model.rss_before_load)]
+    else:
+        ranks = [dict(rank=r["rank"], load_growth_bytes=r["peak_rss_bytes"] - r["rss_before_load_bytes"],
+                      weight_bytes=r["bytes"]) for r in model.parallel["ranks"]]
+    model.close()
+    return dict(tp=args.one, expert_parallel=bool(args.expert_parallel and args.one > 1), load_seconds=load_s,
+                prefill_tokens=m["prefill_tokens"], prefill_tokens_per_s=m["prefill_tokens_per_s"],
+                decode_tokens=m["decode_tokens"], decode_tokens_per_s=m["decode_tokens_per_s"],
+                token_ids=out.token_ids, ranks=ranks)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory or preset (random weights)")
+    ap.add_argument("--layers", type=int, default=None, help="with a preset: truncate depth")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--expert-parallel", action="store_true")
+    ap.add_argument("--prefill-len", type=int, default=64)
+    ap.add_argument("--decode-len", type=int, default=32)
+    ap.add_argument("--checkpoints", default=os.path.join(tempfile.gettempdir(), "ernie-hal-bench"))
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)     # the child's N
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args)))
+        return 0
+    path = checkpoint(args)
+    rows = []
+    for n in args.tp:
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", path, "--device", args.device,
+               "--dtype", args.dtype, "--prefill-len", str(args.prefill_len), "--decode-len",
+               str(args.decode_len), "--one", str(n)] + (["--expert-parallel"] if args.expert_parallel else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append(dict(tp=n, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+            print(f"tp {n}: error: {rows[-1]['error']}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = next((r for r in rows if r.get("tp") == 1 and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            continue
+        if base is not None:
+            r["ids_equal_tp1"] = r["token_ids"] == base["token_ids"]
+            one_growth = base["ranks"][0]["load_growth_bytes"]
+            r["max_rank_growth_vs_tp1"] = max(x["load_growth_bytes"] for x in r["ranks"]) / one_growth
+        mem = ", ".join(f"rank {x['rank']} +{x['load_growth_bytes'] / 2**20:.0f} MiB" for x in r["ranks"])
+        print(f"tp {r['tp']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} "
+              f"tok/s; {mem}; ids equal tp 1: {r.get('ids_equal_tp1')}")
+    data = dict(device=args.device, dtype=DTYPES[args.dtype], model=path, host=platform.node(),
+                cpus=os.cpu_count(), prefill_len=args.prefill_len, decode_len=args.decode_len,
+                note="CPU ranks share the machine's cores: memory and correctness, not speed", results=rows)
+    out = args.output or os.path.join(RESULTS, f"bench_parallel_{args.device.replace(':', '')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0 if all("error" not in r and r.get("ids_equal_tp1", True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
