@@ -175,7 +175,7 @@ class Model:
         if close is not None:
             close()
         if self.group is not None:    # the other ranks leave, then the process group ends
-            self.group.close(stop=self.model.stop)
+            self.group.close()
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
@@ -321,7 +321,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
                            rss_before=rss_before)
         if group.rank != 0:         # torchrun: this rank follows rank 0 until it stops the group
             model.follow()
-            group.close()
+            group.close(stop=False)
             raise SystemExit(0)
     except BaseException as e:
         if not isinstance(e, SystemExit):
@@ -335,7 +335,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
         row.update(rss_before_load_bytes=mem["rss_before_load_bytes"], peak_rss_bytes=mem["peak_rss_bytes"])
     out.group = group
     import atexit
-    atexit.register(out.close)    # a script that never closes still stops its workers
+    atexit.register(group.close)  # a script that never closes still stops its workers
     return out
 
 

@@ -119,16 +119,17 @@ class RankGroup:
                 p.kill()
                 p.wait()
 
-    def close(self, stop=None) -> None:
-        """`stop()` tells the other ranks to leave (rank 0); then the workers are reaped."""
+    def close(self, stop: bool = True) -> None:
+        """Rank 0: tell the other ranks to leave (`stop`), reap the workers, end the process group."""
         if self.closed:
             return
-        if stop is not None and self.failure is None:
+        self.closed = True                # first: a worker leaving now is not a failure
+        if stop and self.rank == 0 and self.failure is None and self.control is not None:
             try:
-                stop()
+                from .step import send_stop
+                send_stop(self.control)
             except Exception:
                 pass
-        self.closed = True
         deadline = time.monotonic() + 10.0
         for p in self.procs.values():
             try:

@@ -47,6 +47,10 @@ class ParallelModel(ErnieModel):
             return super().forward(ids, meta, kv, logit_rows)
         except CollectiveError as e:
             raise g.error(e) from None
+        except BaseException as e:    # Ctrl-C included
+            # the other ranks are inside this step's collectives: the group cannot go on
+            g.fail(f"rank {g.rank} failed during a step ({type(e).__name__}: {e}); the group is shut down")
+            raise
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's steps until it stops the group."""
@@ -66,9 +70,6 @@ class ParallelModel(ErnieModel):
                              c.head_dim, self.dtype, self.backend.device, alloc=self.backend.alloc)
                 gen = s.kv_generation
             self.forward(s.ids, s.meta, kv, s.logit_rows)
-
-    def stop(self) -> None:
-        steps.send_stop(self.group.control)
 
 
 def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_parallel: bool,

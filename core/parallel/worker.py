@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     except Exception as e:  # one line for the user; rank 0 reports the group's failure
         print(f"ernie-hal: tensor-parallel rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
-    group.close()
+    group.close(stop=False)
     return 0
 
 
