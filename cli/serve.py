@@ -130,6 +130,10 @@ def run(args) -> int:
           f"{str(model.dtype).replace('torch.', '')}; context {server.max_model_len} tokens; KV cache "
           f"{kv.num_blocks} blocks x {kv.block_size} tokens ({kv.nbytes / 2**20:.0f} MiB); "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if model.parallel is not None:
+        p = model.parallel
+        print(f"{p['mode']} over {p['world_size']} ranks, "
+              f"{max(r['bytes'] for r in p['ranks']) / 2**20:.0f} MiB of weights per rank", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -9,6 +9,7 @@ The collectives inside the forward come from the kernel table (`all_reduce`, `al
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 
@@ -31,6 +32,7 @@ class ParallelModel(ErnieModel):
     def __init__(self, graph, backend, kernels, weights, dtype, group, lay):
         super().__init__(graph, backend, kernels, weights, dtype)
         self.group, self.layout = group, lay
+        self._dropped = []        # rank 0: generations of KV caches garbage-collected since the last step
 
     @torch.inference_mode()
     def forward(self, ids, meta, kv, logit_rows=None):
@@ -41,9 +43,11 @@ class ParallelModel(ErnieModel):
         try:
             if g.rank == 0:
                 gen = getattr(kv, "_tp_generation", None)
-                if gen is None:            # a new KV cache (the engine regrew it): followers reallocate
+                if gen is None:            # a KV cache new to the group: the followers allocate its twin
                     gen = kv._tp_generation = next(_generations)
-                steps.send(g.control, steps.Step(ids, meta, logit_rows, gen, kv.num_blocks, kv.block_size))
+                    weakref.finalize(kv, self._dropped.append, gen)
+                dropped, self._dropped[:] = list(self._dropped), []
+                steps.send(g.control, steps.Step(ids, meta, logit_rows, gen, kv.num_blocks, kv.block_size, dropped))
             return super().forward(ids, meta, kv, logit_rows)
         except CollectiveError as e:
             raise g.error(e) from None
@@ -54,7 +58,7 @@ class ParallelModel(ErnieModel):
 
     def follow(self) -> None:
         """Ranks > 0: run rank 0's steps until it stops the group."""
-        g, kv, gen = self.group, None, None
+        g, caches = self.group, {}         # KV generation -> this rank's twin of rank 0's cache
         while True:
             try:
                 s = steps.receive(g.control, self.backend.device)
@@ -62,13 +66,16 @@ class ParallelModel(ErnieModel):
                 raise g.error(e) from None
             if s is None:
                 return
-            if s.kv_generation != gen:
-                if kv is not None:
-                    self.backend.release(kv.nbytes)
+            for gen in s.dropped:
+                old = caches.pop(gen, None)
+                if old is not None:
+                    self.backend.release(old.nbytes)
+            kv = caches.get(s.kv_generation)
+            if kv is None:
                 c = self.config
-                kv = KVCache(c.num_hidden_layers, s.kv_blocks, s.block_size, c.num_key_value_heads,
-                             c.head_dim, self.dtype, self.backend.device, alloc=self.backend.alloc)
-                gen = s.kv_generation
+                kv = caches[s.kv_generation] = KVCache(c.num_hidden_layers, s.kv_blocks, s.block_size,
+                                                       c.num_key_value_heads, c.head_dim, self.dtype,
+                                                       self.backend.device, alloc=self.backend.alloc)
             self.forward(s.ids, s.meta, kv, s.logit_rows)
 
 

@@ -41,6 +41,22 @@ def checkpoints(tmp_path_factory):
             for name, cfg in CONFIGS.items()}
 
 
+@torch.inference_mode()
+def _ragged_logits(model) -> torch.Tensor:
+    """A ragged prefill of both prompts then two decode steps, on a KV cache of its own (the
+    other ranks must mirror a second cache beside the engine's)."""
+    from ernie_hal.core.runtime.kvcache import KVCache
+    c = model.config
+    kv = KVCache(c.num_hidden_layers, 8, 16, c.num_key_value_heads, c.head_dim, model.dtype, "cpu")
+    for s in (0, 1):
+        kv.add_sequence(s)
+    out = []
+    for step in (PROMPTS, [[21], [300]], [[7], [45]]):
+        meta = kv.prepare([0, 1], [len(t) for t in step])
+        out.append(model.forward(torch.tensor([t for seq in step for t in seq]), meta, kv).float())
+    return torch.cat(out)
+
+
 def _reference(path):
     m = ernie_hal.load(path, device="cpu", dtype="fp32")
     return m, m.logits(PROMPTS[0]), [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=6, temperature=0,
@@ -52,7 +68,7 @@ def _reference(path):
                                      ("moe-shared0", True)])
 def test_split_model_equals_one_process(checkpoints, name, ep):
     path = checkpoints[name]
-    _, want_logits, want_ids = _reference(path)
+    ref, want_logits, want_ids = _reference(path)
     m = ernie_hal.load(path, device="cpu", dtype="fp32", tensor_parallel_size=2, expert_parallel=ep)
     try:
         assert m.parallel["world_size"] == 2 and m.parallel["mode"] == ("expert parallel" if ep else "tensor parallel")
@@ -63,6 +79,11 @@ def test_split_model_equals_one_process(checkpoints, name, ep):
         assert rel < 1e-5, rel
         ids = [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=6, temperature=0, ignore_eos=True)]
         assert ids == want_ids
+        want_ragged = _ragged_logits(ref.model)
+        got_ragged = _ragged_logits(m.model)
+        assert ((got_ragged - want_ragged).abs().max() / want_ragged.abs().max()).item() < 1e-5
+        again = [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=6, temperature=0, ignore_eos=True)]
+        assert again == want_ids          # the engine's cache is still the ranks' twin
     finally:
         m.close()
     assert all(p.poll() == 0 for p in m.group.procs.values())      # workers left when asked
