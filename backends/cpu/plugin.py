@@ -1,4 +1,8 @@
-"""Registers the cpu backend; its kernels are the reference ops (the numerical oracle)."""
+"""Registers the cpu backend. Its kernels: the native GEMV and fused SwiGLU/experts
+(backends/cpu/kernels.py) where the native library builds, the reference ops for the rest and
+wherever it does not (then the reference ops are the whole CPU path, as in CI without a compiler)."""
+
+import functools
 
 from ...core.plugins.backend import BackendSpec
 from ...core.plugins.hookspecs import hookimpl
@@ -8,12 +12,26 @@ from .backend import make_backend, probe
 @hookimpl
 def ernie_hal_register_backends():
     return [BackendSpec(name="cpu", aliases=("host",), priority=0, probe=probe,
-                        factory=make_backend, description="host CPU; reference kernels (oracle)")]
+                        factory=make_backend, description="host CPU; native GEMV + reference kernels")]
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_ops() -> dict:
+    from .native import load
+    native, _ = load()
+    if native is None:
+        return {}
+    from .kernels import fast_ops
+    return fast_ops(native)
 
 
 @hookimpl
 def ernie_hal_get_kernel(backend, op, spec):
     if backend.name != "cpu":
         return None
+    fast = _fast_ops().get(op)
+    if fast is not None:
+        return fast
     from ...kernels.reference import OPS
     return OPS.get(op)
+

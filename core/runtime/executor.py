@@ -12,6 +12,12 @@ A store answers, once per step and layer (plain method calls, never per token):
 
 Checkpoint quirks are handled at load time (routed experts stacked into [E, I, H] tensors,
 tied head, fp32 router kept fp32), never in forward.
+
+Fusion is a load step too: `ResidentWeights` reads q, k and v into one [q; k; v] buffer and
+every gate/up pair (dense MLP, shared experts, each routed expert) into one [gate; up] buffer,
+row-concatenated (core/runtime/fuse.py). The executor runs one projection over `qkv` and
+splits the output; gate and up stay views of their buffer, so every swiglu/moe kernel keeps its
+signature and a kernel that sees the two adjacent (backends/cpu) runs one projection for both.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from ..plugins.backend import Backend
 from ..model.graph import ModelGraph
 from ..plugins.kernel_table import KernelTable
+from .fuse import fused_rows, fused_stack
 
 
 @dataclass
@@ -38,6 +45,7 @@ class LayerWeights:
     bias: torch.Tensor | None = None
     experts: tuple | None = None      # stacked (gate [E,I,H], up [E,I,H], down [E,H,I])
     shared: tuple | None = None
+    qkv: torch.Tensor | None = None   # [q; k; v] rows in one buffer (q, k, v are views of it)
 
 
 class ResidentWeights:
@@ -61,27 +69,43 @@ class ResidentWeights:
         self._tick(ref.nbytes)
         return out
 
+    def _read(self, ref, out):
+        self.ckpt.read(ref.name, out=out, release=True)
+        self._tick(ref.nbytes)
+
     def _stack(self, refs):
         first = refs[0]
         out = self.backend.alloc((len(refs),) + first.shape, self.dtype)
         for i, ref in enumerate(refs):
-            self.ckpt.read(ref.name, out=out[i], release=True)
-            self._tick(ref.nbytes)
+            self._read(ref, out[i])
         return out
 
+    def _fused(self, refs) -> tuple:
+        """(buffer, views): the refs' rows read one after another into one buffer."""
+        return fused_rows([r.shape for r in refs], self.dtype, self.backend.alloc,
+                          lambda i, out: self._read(refs[i], out))
+
+    def _mlp(self, m) -> tuple:
+        _, (gate, up) = self._fused([m.gate, m.up])
+        return gate, up, self._load(m.down)
+
     def _load_block(self, b) -> LayerWeights:
-        lw = LayerWeights(input_norm=self._load(b.input_norm), q=self._load(b.q), k=self._load(b.k),
-                          v=self._load(b.v), o=self._load(b.o), post_norm=self._load(b.post_norm))
+        norm = self._load(b.input_norm)
+        qkv, (q, k, v) = self._fused([b.q, b.k, b.v])
+        lw = LayerWeights(input_norm=norm, q=q, k=k, v=v, o=self._load(b.o),
+                          post_norm=self._load(b.post_norm), qkv=qkv)
         if b.mlp is not None:
-            lw.mlp = tuple(self._load(r) for r in b.mlp.refs())
+            lw.mlp = self._mlp(b.mlp)
         else:
             m = b.moe
             lw.router = self._load(m.router)
             lw.bias = self._load(m.bias).reshape(-1)
-            lw.experts = (self._stack([e.gate for e in m.experts]), self._stack([e.up for e in m.experts]),
-                          self._stack([e.down for e in m.experts]))
+            _, (gate, up) = fused_stack(len(m.experts), [m.experts[0].gate.shape, m.experts[0].up.shape],
+                                        self.dtype, self.backend.alloc,
+                                        lambda e, j, out: self._read((m.experts[e].gate, m.experts[e].up)[j], out))
+            lw.experts = (gate, up, self._stack([e.down for e in m.experts]))
             if m.shared is not None:
-                lw.shared = tuple(self._load(r) for r in m.shared.refs())
+                lw.shared = self._mlp(m.shared)
         return lw
 
     def _tick(self, nbytes):
@@ -138,9 +162,13 @@ class ErnieModel:
                 h, residual = k.rms_norm(x, lw.input_norm, eps), x
             else:
                 h, residual = k.add_rms_norm(x, residual, lw.input_norm, eps)
-            q = k.linear(h, lw.q).view(T, nh, d)
-            kk = k.linear(h, lw.k).view(T, nkv, d)
-            v = k.linear(h, lw.v).view(T, nkv, d)
+            if lw.qkv is not None:   # one projection; q, k, v are column slices of its output
+                q, kk, v = k.linear(h, lw.qkv).split((nh * d, nkv * d, nkv * d), dim=-1)
+                q, kk, v = q.view(T, nh, d), kk.view(T, nkv, d), v.view(T, nkv, d)
+            else:
+                q = k.linear(h, lw.q).view(T, nh, d)
+                kk = k.linear(h, lw.k).view(T, nkv, d)
+                v = k.linear(h, lw.v).view(T, nkv, d)
             q = k.rope_kv_write(q, kk, v, meta.positions, c.rope_theta, kv.k[i], kv.v[i], meta.slot_mapping)
             attn = k.gqa_attention(q, kv.k[i], kv.v[i], meta.block_tables, meta.context_lens,
                                    meta.query_start_loc, self.scale)

@@ -1,0 +1,111 @@
+"""The CPU backend's fast kernels: the native GEMV for decode-sized projections, the fused
+gate/up SwiGLU, and routed experts grouped per active expert. Each has the reference op's
+signature and is checked against kernels/reference in tests/unit/test_cpu_kernels.py.
+
+Prefill-sized projections (more than GEMV_MAX_ROWS rows) go to torch's F.linear, which runs
+oneDNN/MKL GEMMs there; so do dtypes or layouts the native GEMV does not take.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels.reference.moe import moe_route
+
+GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
+
+
+def make_linear(native):
+    """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T."""
+    entry = {torch.bfloat16: native.bf16, torch.float32: native.f32}
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        fn = entry.get(x.dtype)
+        if (fn is None or x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or w.dtype != x.dtype
+                or x.stride(1) != 1 or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x.shape[1]):
+            return F.linear(x, w)
+        M, K = x.shape
+        N = w.shape[0]
+        y = torch.empty(M, N, dtype=x.dtype)
+        fn(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
+        return y
+
+    linear.ernie_hal_impl = f"cpu-native-gemv ({native.isa})"
+    return linear
+
+
+def fused_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """[a; b] as one tensor without a copy when b's rows follow a's in memory (the fused
+    gate/up buffer the loader makes), else None."""
+    if (a.dim() != 2 or a.shape != b.shape or a.dtype != b.dtype or not a.is_contiguous()
+            or not b.is_contiguous() or b.data_ptr() != a.data_ptr() + a.numel() * a.element_size()):
+        return None
+    return a.as_strided((2 * a.shape[0], a.shape[1]), (a.shape[1], 1))
+
+
+def make_swiglu_mlp(linear):
+    def swiglu_mlp(x, w_gate, w_up, w_down):
+        """down(silu(gate(x)) * up(x)) in x.dtype: the reference's ops and roundings, with one
+        projection over the fused [gate; up] rows when the loader laid them out that way."""
+        both = fused_rows(w_gate, w_up)
+        if both is None:
+            h = F.silu(linear(x, w_gate), inplace=True)
+            h.mul_(linear(x, w_up))
+        else:
+            I = w_gate.shape[0]
+            gu = linear(x, both)
+            h = F.silu(gu[:, :I])
+            h.mul_(gu[:, I:])
+        return linear(h, w_down)
+
+    swiglu_mlp.ernie_hal_impl = "cpu-fused-swiglu"
+    return swiglu_mlp
+
+
+def make_moe_experts(swiglu_mlp):
+    def moe_experts(x, topk_weights, topk_ids, w_gate, w_up, w_down):
+        """The reference's routed sum (experts in index order, x.dtype, index_add_), as one
+        grouped projection per active expert over its gathered tokens: the loop runs over the
+        experts some token picked, never over tokens."""
+        T, k = topk_ids.shape
+        E = w_gate.shape[0]
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = order // k
+        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+        counts = torch.bincount(flat, minlength=E).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = tokens[start:start + n]
+            xs = x.index_select(0, tok)
+            y = swiglu_mlp(xs, w_gate[e], w_up[e], w_down[e])
+            out.index_add_(0, tok, y * weights[start:start + n])
+            start += n
+        return out
+
+    moe_experts.ernie_hal_impl = "cpu-grouped-experts"
+    return moe_experts
+
+
+def make_moe(moe_experts, swiglu_mlp):
+    def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k, norm_min, shared=None):
+        weights, ids = moe_route(x, router_weight, correction_bias, top_k, norm_min)
+        out = moe_experts(x, weights, ids, w_gate, w_up, w_down)
+        if shared is not None:
+            out = out + swiglu_mlp(x, *shared)
+        return out
+
+    moe.ernie_hal_impl = "cpu-grouped-experts"
+    return moe
+
+
+def fast_ops(native) -> dict:
+    """op -> kernel for the ops the CPU backend runs its own way; the rest stay the reference's."""
+    linear = make_linear(native)
+    swiglu = make_swiglu_mlp(linear)
+    experts = make_moe_experts(swiglu)
+    return {"linear": linear, "swiglu_mlp": swiglu, "moe_experts": experts, "moe": make_moe(experts, swiglu)}

@@ -1,0 +1,102 @@
+"""The CPU decode GEMV (gemv.c), built once with the system C compiler and loaded with ctypes.
+
+Built on first use into the ernie-hal cache (keyed by the source, compiler and CPU flags, so an
+upgrade or another machine rebuilds), then reused: a load costs a dlopen. Where no compiler
+exists, the build fails, or ERNIE_HAL_CPU_NATIVE=0, `library()` returns None with the reason and
+the CPU backend binds torch's kernels instead. The .so links libgomp by soname: torch has loaded
+its own already, so the dynamic linker hands the kernel torch's OpenMP pool (one set of
+threads, sized by torch.set_num_threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch  # noqa: F401 - loads torch's libgomp before the kernel library asks for it
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+ISA_NAMES = {0: "portable C", 1: "AVX-512", 2: "AVX-512 BF16"}
+
+
+class NativeGemv:
+    """The loaded library: `bf16` and `f32` entry points, and which inner loops it has."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str):
+        self.path = path
+        sig = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        self.bf16, self.f32 = lib.ernie_gemv_bf16, lib.ernie_gemv_f32
+        for fn in (self.bf16, self.f32):
+            fn.argtypes, fn.restype = sig, None
+        lib.ernie_gemv_isa.restype = ctypes.c_int
+        self.isa = ISA_NAMES.get(lib.ernie_gemv_isa(), "?")
+
+
+def _cache_root() -> str:
+    base = os.environ.get("ERNIE_HAL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ernie-hal")
+    return os.path.join(base, "cpu-kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(cc: str) -> str:
+    """Path of the built library (building it when the cache has none); raises on failure."""
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + cc.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    dest = os.path.join(_cache_root(), f"gemv-{key}.so")
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(dest))
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        if run.returncode:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
+        os.replace(tmp, dest)        # atomic: a concurrent load sees a whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> tuple:
+    """(NativeGemv or None, reason when None). Built and loaded once per process."""
+    if os.environ.get("ERNIE_HAL_CPU_NATIVE", "1").lower() in ("0", "off", "false", "no"):
+        return None, "turned off (ERNIE_HAL_CPU_NATIVE=0)"
+    if platform.system() != "Linux":
+        return None, f"the native GEMV is built on Linux only (this is {platform.system()})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (cc, gcc or clang; or set CC)"
+    try:
+        path = build(cc)
+        return NativeGemv(ctypes.CDLL(path), path), ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"native GEMV build failed: {e}"
+
+
+if __name__ == "__main__":   # python -m ernie_hal.backends.cpu.native: build now and say what was built
+    lib, why = load()
+    print(f"native CPU GEMV: {lib.path} ({lib.isa})" if lib else f"native CPU GEMV unavailable: {why}")
