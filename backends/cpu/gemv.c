@@ -89,11 +89,13 @@ static float dot_f32(const float *x, const float *w, int64_t K) {
 }
 #endif
 
-/* x [M, K] (row stride ldx), w [N, K] contiguous rows, y [M, N] (row stride ldy). */
+/* x [M, K] (row stride ldx), w [N, K] contiguous rows, y [M, N] (row stride ldy). `threads` is
+ * passed per call (torch.get_num_threads()): OpenMP's thread count is per calling thread, and the
+ * server calls from its engine thread. */
 void ernie_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy,
-                     int64_t M, int64_t N, int64_t K) {
+                     int64_t M, int64_t N, int64_t K, int threads) {
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t end = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
         for (int64_t n = b * ROW_BLOCK; n < end; n++)
@@ -103,9 +105,9 @@ void ernie_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t
 }
 
 void ernie_gemv_f32(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy,
-                    int64_t M, int64_t N, int64_t K) {
+                    int64_t M, int64_t N, int64_t K, int threads) {
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t end = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
         for (int64_t n = b * ROW_BLOCK; n < end; n++)

@@ -28,7 +28,7 @@ def make_linear(native):
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, dtype=x.dtype)
-        fn(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K)
+        fn(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads())
         return y
 
     linear.ernie_hal_impl = f"cpu-native-gemv ({native.isa})"

@@ -32,7 +32,7 @@ class NativeGemv:
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
         sig = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self.bf16, self.f32 = lib.ernie_gemv_bf16, lib.ernie_gemv_f32
         for fn in (self.bf16, self.f32):
             fn.argtypes, fn.restype = sig, None
