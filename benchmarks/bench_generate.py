@@ -149,9 +149,24 @@ def measure_copy_gbps(device="cpu", nbytes=1 << 30) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def measure_read_gbps(device="cpu", nbytes=1 << 30) -> float:
+    """What decode is bound by: reading a large tensor once (a sum over it, torch's threads)."""
+    import torch
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        src.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def child(args):
     if args.engine == "copy":
-        print("RESULT " + json.dumps({"memory_copy_gbps": measure_copy_gbps(args.device)}))
+        print("RESULT " + json.dumps({"memory_copy_gbps": measure_copy_gbps(args.device),
+                                      "memory_read_gbps": measure_read_gbps(args.device)}))
         return
     fn = run_ernie_hal if args.engine == "ernie-hal" else run_transformers
     print("RESULT " + json.dumps(fn(args)))
@@ -182,7 +197,8 @@ def main():
     ap.add_argument("--decode-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3, help="measurements per process (median)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, alternating engines")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads, also the native CPU GEMV's (default: torch's, the physical cores)")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/bench_generate_<device>.json)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -197,7 +213,8 @@ def main():
         if not os.path.exists(os.path.join(args.model, "config.json")):
             subprocess.run([sys.executable, "-m", "ernie_hal", "make-checkpoint", "--preset", "ernie-4.5-0.3b",
                             "--out", args.model, "--overwrite"], check=True)
-    limit = spawn(args, "copy").get("memory_copy_gbps", 0.0)
+    limits = spawn(args, "copy")
+    limit, read_limit = limits.get("memory_copy_gbps", 0.0), limits.get("memory_read_gbps", 0.0)
     # Rounds: every (dtype, engine) once per round, engines alternating, so a noisy neighbour on a
     # shared machine slows both alike; each row is the median over rounds.
     runs: dict = {}
@@ -227,12 +244,13 @@ def main():
         rows.append(row)
         print(f"{engine:<13} {dtype:<5} prefill {row['prefill_tokens_per_s']:8.1f} tok/s   "
               f"decode {row['decode_tokens_per_s']:7.2f} tok/s   "
-              f"{row['decode_weight_gbps']:6.2f} GB/s of {limit:.1f} GB/s copy limit   "
+              f"{row['decode_weight_gbps']:6.2f} GB/s ({row['decode_weight_gbps'] / max(read_limit, 1e-9):.0%} of the "
+              f"{read_limit:.1f} GB/s read limit; copy {limit:.1f} GB/s)   "
               f"peak RSS {row['peak_rss_bytes'] / 2**30:5.2f} GiB   (median of {len(ok)} rounds)", flush=True)
     result = {"benchmark": "bench_generate", "model": args.model, "device": args.device,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "threads": args.threads or "torch default"},
-              "memory_copy_gbps": limit, "prefill_len": args.prefill_len, "decode_len": args.decode_len,
+              "memory_copy_gbps": limit, "memory_read_gbps": read_limit, "prefill_len": args.prefill_len, "decode_len": args.decode_len,
               "rounds": args.rounds, "repeat": args.repeat,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_generate_{args.device.split(':')[0]}.json"))
