@@ -18,3 +18,6 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 "$py" -m pip install -q -e "$spec" 2>&1 | grep -vE "is ignored: it is neither|^\s*$" >&2 || true
 "$py" -c "import ernie_hal" || { echo "setup: ernie_hal failed to import" >&2; exit 1; }
+# the CPU decode GEMV, built now with the system compiler (else at the first CPU load; without a
+# compiler the CPU backend runs torch's kernels)
+"$py" -m ernie_hal.backends.cpu.native >&2 || true
