@@ -20,7 +20,9 @@ def test_bench_ops_kernel_vs_reference_on_cpu(tmp_path):
                "--ops", "rms_norm", "moe", "gqa_attention", "--output", out)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["device"]["backend"] == "cpu" and data["implementations"]["moe"] == "reference"
+    from ernie_hal.backends.cpu.native import load
+    cpu_moe = "cpu-grouped-experts" if load()[0] is not None else "reference"   # reference without a compiler
+    assert data["device"]["backend"] == "cpu" and data["implementations"]["moe"] == cpu_moe
     ops = {r["op"] for r in data["results"]}
     assert ops == {"rms_norm", "moe", "gqa_attention"}
     for r in data["results"]:
@@ -55,6 +57,16 @@ def test_bench_generate_rounds_against_transformers(tmp_path):
     for r in data["rows"]:
         assert r["rounds"] == 2 and len(r["decode_tokens_per_s_each_round"]) == 2
         assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+
+
+def test_profile_decode_splits_a_step_by_op(tmp_path):
+    out = tmp_path / "prof.json"
+    proc = run("profile_decode.py", "--model", "tiny", "--dtype", "fp32", "--steps", 3, "--output", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    whats = {r["what"] for r in data["rows"]}
+    assert {"linear head", "linear qkv", "swiglu_mlp", "gqa_attention"} <= whats   # fused qkv: one projection
+    assert data["ms_per_step"] > 0 and all(r["ms_per_step"] >= 0 for r in data["rows"] if "rest" not in r["what"])
 
 
 def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
