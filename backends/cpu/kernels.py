@@ -55,7 +55,9 @@ def make_swiglu_mlp(linear):
         else:
             I = w_gate.shape[0]
             gu = linear(x, both)
-            h = F.silu(gu[:, :I])
+            # silu on a contiguous copy: the vectorised path the unfused output takes, so the
+            # same values (a strided slice may take torch's scalar exp); the product is exact either way
+            h = F.silu(gu[:, :I].contiguous(), inplace=True)
             h.mul_(gu[:, I:])
         return linear(h, w_down)
 
