@@ -277,6 +277,13 @@ def read_props(index: int, backend: str) -> DeviceProps:
                        multi_processor_count=int(getattr(p, "multi_processor_count", 0) or 0))
 
 
+def bound(backend: "CudaLikeBackend") -> "CudaLikeBackend":
+    """A factory's backend, made current on the calling thread (cuda:N with N != 0 otherwise
+    runs Triton launches and graph capture on device 0)."""
+    backend.bind_thread()
+    return backend
+
+
 def require_build(expected: tuple, reason: Callable[[Snapshot], str]) -> str:
     """Factories refuse a torch built for another runtime (ROCm torch also has torch.cuda)."""
     snap = Snapshot(str(torch.__version__), torch.version.cuda, getattr(torch.version, "hip", None))
@@ -348,22 +355,41 @@ class CudaLikeBackend(Backend):
     def _synchronize(self):
         torch.cuda.synchronize(self.device)
 
-    def _capture_graph(self, fn):
+    def _capture_graph(self, fn, pool):
         # Warm up on a side stream first (lazy cuBLAS/Triton initialisation must not land in
-        # the graph), then capture into one memory pool shared by every captured batch size:
-        # the recipe of PyTorch's CUDA-graphs notes, which holds on ROCm's hipGraph too.
+        # the graph), then capture into the caller's pool (one per set of graphs: capturing
+        # into a pool whose graphs were freed trips the caching allocator's asserts), the
+        # recipe of PyTorch's CUDA-graphs notes, which holds on ROCm's hipGraph too.
         device = self.device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream(device).wait_stream(side)
-        if getattr(self, "_graph_pool", None) is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        with torch.cuda.graph(graph, pool=pool):
             out = fn()
         return graph.replay, out
+
+    def _graph_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def _bind_thread(self):
+        torch.cuda.set_device(self.device)
+
+    def _pinned_footprint(self, nbytes):
+        # PyTorch's CachingHostAllocator rounds every pinned block up to a power of two
+        # (c10/core/CachingHostAllocator.h: "Round up the allocation to the nearest power of two")
+        return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
+
+    def _timing_event(self, stream):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return event
+
+    def _elapsed_seconds(self, start, end):
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
     def _device_free(self):
         free, _total = torch.cuda.mem_get_info(self.device)

@@ -153,7 +153,8 @@ class Model:
         seqs, times = self.engine.generate(ids, params, on_token=on_token)
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),
-                       decode_graphs=self.engine.decode_graphs)
+                       decode_graphs=self.engine.decode_graphs,
+                       decode_graph_eager_steps=self.engine.graph_metrics()["decode_graph_eager_steps"])
         offload = self.offload_stats()
         if offload is not None:
             metrics["offload"] = offload

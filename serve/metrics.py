@@ -43,6 +43,10 @@ class _SchedulerStats:
         yield CounterMetricFamily(f"{p}prefix_cache_hits_total",
                                   "Prompt tokens found in the prefix cache (not recomputed).",
                                   s.get("prefix_cache_hits", 0))
+        yield GaugeMetricFamily(f"{p}decode_graphs_on", "1 while decode steps replay captured device graphs, 0 once off.",
+                                int(bool(s.get("decode_graphs_on", False))))
+        yield CounterMetricFamily(f"{p}decode_graph_eager_steps_total", "Decode steps that ran eager instead of replaying.",
+                                  s.get("decode_graph_eager_steps", 0))
 
 
 class ServerMetrics(Observer):

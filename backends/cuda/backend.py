@@ -2,8 +2,8 @@
 
 import torch
 
-from .._torch_cuda_like import (CudaLikeBackend, lookup, make_caps, make_info, read_props, require_build,
-                                triton_version)
+from .._torch_cuda_like import (CudaLikeBackend, bound, lookup, make_caps, make_info, read_props,
+                                require_build, triton_version)
 from .devices import NVIDIA
 from .probe import build_reason
 
@@ -25,4 +25,4 @@ def make_backend(index: int = 0) -> CudaBackend:
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if modern else (torch.float32, torch.float16)
     caps = make_caps(props, spec, dtypes=dtypes, graphs=True,
                      triton=modern and triton_version() is not None, default_warp=32)
-    return CudaBackend(make_info("cuda", index, props, arch, spec), caps)
+    return bound(CudaBackend(make_info("cuda", index, props, arch, spec), caps))

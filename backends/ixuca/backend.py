@@ -2,8 +2,8 @@
 
 import torch
 
-from .._torch_cuda_like import (CudaLikeBackend, lookup, make_caps, make_info, read_props, require_build,
-                                triton_version)
+from .._torch_cuda_like import (CudaLikeBackend, bound, lookup, make_caps, make_info, read_props,
+                                require_build, triton_version)
 from .devices import ILUVATAR
 from .probe import build_reason
 
@@ -32,4 +32,4 @@ def make_backend(index: int = 0) -> IxucaBackend:
     tv = (triton_version() or "").lower()
     caps = make_caps(props, spec, dtypes=(torch.float32, torch.bfloat16, torch.float16), graphs=False,
                      triton="corex" in tv or "iluvatar" in tv, default_warp=64)
-    return IxucaBackend(make_info("ixuca", index, props, ix_arch(props.name, spec), spec), caps)
+    return bound(IxucaBackend(make_info("ixuca", index, props, ix_arch(props.name, spec), spec), caps))

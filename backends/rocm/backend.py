@@ -2,8 +2,8 @@
 
 import torch
 
-from .._torch_cuda_like import (CudaLikeBackend, lookup, make_caps, make_info, read_props, require_build,
-                                triton_version)
+from .._torch_cuda_like import (CudaLikeBackend, bound, lookup, make_caps, make_info, read_props,
+                                require_build, triton_version)
 from .devices import AMD
 from .probe import build_reason
 
@@ -31,4 +31,4 @@ def make_backend(index: int = 0) -> RocmBackend:
     caps = make_caps(props, spec, dtypes=(torch.float32, torch.bfloat16, torch.float16),
                      graphs=True, triton=arch.startswith(TRITON_ARCHS) and triton_version() is not None,
                      default_warp=64 if arch.startswith("gfx9") else 32)
-    return RocmBackend(make_info("rocm", index, props, arch, spec), caps)
+    return bound(RocmBackend(make_info("rocm", index, props, arch, spec), caps))

@@ -259,6 +259,7 @@ class Stager:
         return ticket
 
     def _work(self) -> None:
+        self.backend.bind_thread()          # the current device is per thread (cuda:N, N != 0)
         with torch.inference_mode():
             while True:
                 _, _, fn, ticket, after = self._queue.get()

@@ -150,14 +150,37 @@ class Backend:
     def synchronize(self) -> None:
         self._synchronize()
 
-    def capture_graph(self, fn):
+    def capture_graph(self, fn, pool=None):
         """Record the device work of `fn()` (a closure over tensors that keep their addresses)
         once. Returns (replay, out): `replay()` reruns the recorded work, whose result lands in
         `out`, the tensor `fn` returned. Only where `caps.graphs`; raises when capture fails
-        (e.g. an op in `fn` waits for the host)."""
+        (e.g. an op in `fn` waits for the host). `pool` (from `graph_pool()`) lets several
+        graphs share memory; a pool must not outlive the graphs captured into it being freed."""
         if not self.caps.graphs:
             raise NotImplementedError(f"{self.info.label} cannot capture device graphs")
-        return self._capture_graph(fn)
+        return self._capture_graph(fn, pool)
+
+    def graph_pool(self):
+        """A fresh memory pool for a set of graphs (None: the backend's default)."""
+        return self._graph_pool()
+
+    def bind_thread(self) -> None:
+        """Make this device the calling thread's current device. Every thread that launches
+        work (the factory's, the engine thread, the reader threads) calls it first: runtimes
+        keep the current device per thread, and device 0 is the default."""
+        self._bind_thread()
+
+    def pinned_footprint(self, nbytes: int) -> int:
+        """Host bytes a `pinned_empty` of `nbytes` really takes (allocators round up)."""
+        return self._pinned_footprint(int(nbytes))
+
+    def timing_event(self, stream=None):
+        """An event that can time device work on `stream`, or None (then callers use host time)."""
+        return self._timing_event(stream)
+
+    def elapsed_seconds(self, start, end) -> float:
+        """Device time between two timing events (waits for `end` to have happened)."""
+        return self._elapsed_seconds(start, end)
 
     def communicator(self, rank: int, world_size: int, group=None):
         """The collectives (all_reduce, all_gather, broadcast) for this device's tensors, over an
@@ -215,8 +238,23 @@ class Backend:
     def _synchronize(self):
         pass
 
-    def _capture_graph(self, fn):
+    def _capture_graph(self, fn, pool):
         raise NotImplementedError(f"{type(self).__name__} declares graphs but does not capture them")
+
+    def _graph_pool(self):
+        return None
+
+    def _bind_thread(self):
+        pass
+
+    def _pinned_footprint(self, nbytes):
+        return nbytes
+
+    def _timing_event(self, stream):
+        return None
+
+    def _elapsed_seconds(self, start, end):
+        return 0.0
 
     def _device_free(self) -> int | None:
         return self.info.memory_free or None

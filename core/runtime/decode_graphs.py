@@ -10,7 +10,10 @@ buffers: token ids, positions, KV slots, block tables (full width for the engine
 sequence), context lengths. A batch is padded up to the next captured size; padded rows write
 their K/V into a scratch block no sequence owns and attend over that one token, and their logits
 are dropped. Graphs are captured lazily, the first time a size is needed, against one KVCache
-(the engine rebinds when it reallocates the cache).
+(the engine unbinds before it reallocates the cache and binds the new one after). Each bind takes
+a fresh graph pool from the backend: the graphs of the old pool are freed with the old cache,
+and PyTorch's allocator asserts when one captures into a pool whose graphs are gone.
+`capture_all` captures the largest size first, so the smaller graphs reuse its pool memory.
 
 Graphs are used only where they can be right: the backend says it can capture
 (`caps.graphs`), every weight is resident (a staged store does host work per layer), and the
@@ -49,14 +52,33 @@ class DecodeGraphs:
         self.kv: KVCache | None = None
         self.disabled: str | None = None                   # why graphs are off, once they are
         self.graphs: dict = {}                             # padded size -> (replay, hidden)
+        self.pool = None                                   # the bound cache's graph pool
         self.replays = 0
+        self.eager_steps = 0                               # decode steps that could not replay
+        self.binds = 0
+
+    def metrics(self) -> dict:
+        """Counters a server exports: a silent fallback to eager shows up here, not only in a log."""
+        return {"decode_graphs_on": self.disabled is None, "decode_graph_replays": self.replays,
+                "decode_graph_eager_steps": self.eager_steps, "decode_graphs_captured": len(self.graphs),
+                "decode_graph_binds": self.binds, "decode_graphs_off_reason": self.disabled or ""}
 
     # ---- binding -----------------------------------------------------------------------------
-    def bind(self, kv: KVCache) -> None:
-        """Use `kv` from now on: drop graphs captured against an older cache and take one block
-        of this one as the scratch block for padded rows."""
+    def unbind(self) -> None:
+        """Drop every reference to the bound cache (its graphs, static buffers and pool), so the
+        engine can free it before allocating a bigger one: never both at once."""
         self.graphs.clear()
+        self.kv = self.pool = None
+        for name in ("ids", "positions", "slots", "block_tables", "context_lens", "query_start_loc"):
+            self.__dict__.pop(name, None)
+
+    def bind(self, kv: KVCache) -> None:
+        """Use `kv` from now on: drop graphs captured against an older cache, take a fresh graph
+        pool, and take one block of this cache as the scratch block for padded rows."""
+        self.unbind()
         self.kv = kv
+        self.pool = self.backend.graph_pool()
+        self.binds += 1
         self.scratch_block = kv.allocator.allocate(1)[0]
         dev, B = self.backend.device, self.max_batch
         zeros = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
@@ -88,11 +110,13 @@ class DecodeGraphs:
         size = self.padded_size(B)
         if (self.disabled or size is None or kv is not self.kv
                 or meta.block_tables.shape[1] > self.width):
+            self.eager_steps += 1
             return None
         entry = self.graphs.get(size)
         if entry is None:
             entry = self._capture(size)
             if entry is None:
+                self.eager_steps += 1
                 return None
         self.ids[:B].copy_(ids)
         self.positions[:B].copy_(meta.positions)
@@ -118,18 +142,20 @@ class DecodeGraphs:
         ids, kv, model = self.ids[:size], self.kv, self.model
         self.head = model.weights.output()[1]        # resident: the same tensor every step
         try:
-            entry = self.backend.capture_graph(lambda: model.hidden_states(ids, meta, kv)[0])
+            entry = self.backend.capture_graph(lambda: model.hidden_states(ids, meta, kv)[0], self.pool)
         except Exception as e:  # noqa: BLE001 - any failure means: stay eager, say why
             self.disabled = f"capture failed at batch {size}: {type(e).__name__}: {e}"
-            log.warning("decode graphs off: %s", self.disabled)
+            # an error, not a warning: every later decode step runs eager (launch-bound on a GPU)
+            log.error("decode graphs off for the rest of this process, decode runs eager: %s", self.disabled)
             return None
         self.graphs[size] = entry
         return entry
 
     def capture_all(self) -> int:
         """Capture every size now (a server does this at start, as vLLM does, so no request
-        waits for a capture). Returns how many graphs exist; stops at the first failure."""
-        for size in self.sizes:
+        waits for a capture), largest first so the smaller ones reuse its pool memory. Returns
+        how many graphs exist; stops at the first failure."""
+        for size in reversed(self.sizes):
             if self.disabled:
                 break
             if size not in self.graphs:

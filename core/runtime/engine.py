@@ -94,6 +94,14 @@ class Engine:
         """How decode runs: "on (...)" or "off: <reason>"."""
         return self.graphs.describe() if self.graphs is not None else f"off: {self.graphs_off_reason}"
 
+    def graph_metrics(self) -> dict:
+        """Decode-graph counters (replays, eager fallbacks, off reason) for metrics endpoints."""
+        if self.graphs is None:
+            return {"decode_graphs_on": False, "decode_graph_replays": 0, "decode_graph_eager_steps": 0,
+                    "decode_graphs_captured": 0, "decode_graph_binds": 0,
+                    "decode_graphs_off_reason": self.graphs_off_reason}
+        return self.graphs.metrics()
+
     # ---- KV cache ---------------------------------------------------------------------------
     def ensure_kv(self, num_blocks: int) -> KVCache:
         """A cache with at least `num_blocks` free blocks (reallocated when too small and idle,
@@ -104,6 +112,10 @@ class Engine:
             if self.kv is not None:
                 num_blocks = max(num_blocks, min(2 * self.kv.num_blocks, 2 * num_blocks))
                 self.model.backend.release(self.kv.nbytes)
+                # drop every reference to the old cache first: old and new never both on the device
+                if self.graphs is not None:
+                    self.graphs.unbind()
+                self.kv = None
             c, b = self.config, self.model.backend
             extra = 1 if self.graphs is not None else 0
             self.kv = KVCache(c.num_hidden_layers, num_blocks + extra, self.block_size, c.num_key_value_heads,

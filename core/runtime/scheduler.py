@@ -141,7 +141,7 @@ class Scheduler:
         return {"num_waiting": len(self.waiting) + len(self._inbox), "num_running": len(self.running),
                 "kv_blocks_total": kv.num_blocks, "kv_blocks_free": kv.num_free_blocks,
                 "kv_usage": kv.usage(), "num_preemptions": self.num_preemptions,
-                "num_steps": self.num_steps, **kv.allocator.stats()}
+                "num_steps": self.num_steps, **kv.allocator.stats(), **self.engine.graph_metrics()}
 
     # ---- engine thread ----------------------------------------------------------------------
     def step(self) -> list:
@@ -352,6 +352,7 @@ class EngineThread(threading.Thread):
 
     def run(self) -> None:
         sched = self.scheduler
+        sched.engine.model.backend.bind_thread()     # the current device is per thread
         with torch.inference_mode():
             while not self._stopping.is_set():
                 if not sched.wait_for_work(self.idle_wait) or self._stopping.is_set():

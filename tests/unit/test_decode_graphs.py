@@ -8,6 +8,8 @@ KV cache is reallocated, and eager fallback with a reason. The real capture
 """
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -18,25 +20,44 @@ from ernie_hal.core.runtime.decode_graphs import capture_sizes
 from ernie_hal.core.runtime.sampling import SamplingParams
 
 
+class FakePool:
+    """A graph memory pool: remembers (weakly) the graphs captured into it."""
+
+    def __init__(self):
+        self.graphs = []
+
+
+class FakeGraph:
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    @torch.inference_mode()
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
 class ReplayingCpu(CpuBackend):
-    """A CPU that says it can capture graphs."""
+    """A CPU that says it can capture graphs, with PyTorch's pool rule: capturing into a pool
+    whose graphs have all been freed fails (the caching allocator asserts on a real GPU)."""
 
     def __init__(self, fail: str | None = None):
         super().__init__()
         self.caps = dataclasses.replace(self.caps, graphs=True)
         self.fail, self.captures = fail, 0
 
-    def _capture_graph(self, fn):
+    def _graph_pool(self):
+        return FakePool()
+
+    def _capture_graph(self, fn, pool):
         if self.fail:
             raise RuntimeError(self.fail)
-        out = fn()
+        if pool is not None and pool.graphs and all(r() is None for r in pool.graphs):
+            raise RuntimeError("captured into a pool whose graphs were freed")
+        graph = FakeGraph(fn, fn())
+        if pool is not None:
+            pool.graphs.append(weakref.ref(graph))
         self.captures += 1
-
-        @torch.inference_mode()
-        def replay():
-            out.copy_(fn())
-
-        return replay, out
+        return graph.replay, graph.out
 
 
 def _load(preset, backend, **kw):
@@ -113,9 +134,55 @@ def test_kv_reallocation_rebinds_and_recaptures():
     kw = dict(temperature=0, ignore_eos=True)
     model.generate(PROMPTS[0], max_new_tokens=4, **kw)
     first_kv = model.engine.kv
+    replays = model.engine.graphs.replays
     long = model.generate(PROMPTS[:2], max_new_tokens=60, **kw)   # needs a bigger cache
     assert model.engine.kv is not first_kv and model.engine.graphs.kv is model.engine.kv
     assert [c.token_ids for c in long] == [c.token_ids for c in eager.generate(PROMPTS[:2], max_new_tokens=60, **kw)]
+    # graphs stay on after the regrow: recaptured into a fresh pool, every decode step replayed
+    m = model.engine.graph_metrics()
+    assert m["decode_graphs_on"] and m["decode_graph_binds"] == 2 and m["decode_graph_eager_steps"] == 0
+    assert model.engine.graphs.replays == replays + 59
+    assert long[0].metrics["decode_graph_eager_steps"] == 0
+
+
+def test_recapture_into_the_old_pool_would_fail():
+    """The fake's pool rule is the one the fix is for: the old code's single pool trips it."""
+    backend = ReplayingCpu()
+    pool = backend.graph_pool()
+    replay, _ = backend.capture_graph(lambda: torch.ones(2), pool)
+    del replay
+    gc.collect()
+    with pytest.raises(RuntimeError, match="pool whose graphs were freed"):
+        backend.capture_graph(lambda: torch.ones(2), pool)
+
+
+def test_kv_regrow_frees_the_old_cache_before_allocating_the_new_one():
+    model = _load("tiny", ReplayingCpu())
+    eng = model.engine
+    eng.ensure_kv(4)
+    old = weakref.ref(eng.kv)
+    seen = []
+    real_alloc = model.backend.alloc
+
+    def alloc(shape, dtype):
+        gc.collect()
+        seen.append(old() is None)
+        return real_alloc(shape, dtype)
+
+    model.backend.alloc = alloc
+    eng.ensure_kv(64)
+    assert seen and all(seen)          # every new KV tensor was allocated with the old cache gone
+    assert eng.graphs.kv is eng.kv
+
+
+def test_a_fallback_to_eager_is_counted_and_logged(caplog):
+    why = "operation not permitted when stream is capturing"
+    model = _load("tiny", ReplayingCpu(fail=why))
+    with caplog.at_level("ERROR"):
+        model.generate(PROMPTS[0], max_new_tokens=4, temperature=0, ignore_eos=True)
+    m = model.engine.graph_metrics()
+    assert not m["decode_graphs_on"] and m["decode_graph_eager_steps"] == 3 and why in m["decode_graphs_off_reason"]
+    assert any("decode runs eager" in r.message and r.levelname == "ERROR" for r in caplog.records)
 
 
 def test_batch_beyond_the_largest_graph_runs_eager():
@@ -154,6 +221,7 @@ def test_triton_kernels_under_replay_equal_eager():
     graphed_backend = emulate("cuda", "H100")
     graphed_backend.caps = dataclasses.replace(graphed_backend.caps, graphs=True)
     graphed_backend._capture_graph = ReplayingCpu._capture_graph.__get__(graphed_backend)
+    graphed_backend._graph_pool = ReplayingCpu._graph_pool.__get__(graphed_backend)
     graphed_backend.fail = None
     graphed_backend.captures = 0
     graphed = _load("tiny-moe", graphed_backend)
@@ -172,6 +240,8 @@ def test_server_captures_every_size_before_serving_and_serves_the_same_tokens():
     server = build_server(model, max_num_seqs=5, num_kv_blocks=64)
     engine = server.engine.engine
     assert sorted(engine.graphs.graphs) == [1, 2, 4, 8] and engine.graphs.replays == 0
+    assert list(engine.graphs.graphs) == [8, 4, 2, 1]          # largest first, into one pool
+    assert len(engine.graphs.pool.graphs) == 4
     scheduler = server.engine.scheduler
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     seqs = [engine.new_sequence(p, params) for p in PROMPTS]
