@@ -194,7 +194,8 @@ class Stager:
         for i in range(pinned_chunks):
             self._free_chunks.put((i, None))          # (chunk, event of the copy that last read it)
         self.h2d_bytes = 0
-        self.copy_seconds = 0.0
+        self._copy_seconds = 0.0
+        self._timings: list = []          # (start, end) device timing events not yet read
         self._count_lock = threading.Lock()
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
@@ -216,14 +217,42 @@ class Stager:
             else:
                 self._file_to_device(src, dst)
             return
+        self.count(src.numel() * src.element_size(), self._timed_copy(dst, src) or 0.0)
+
+    def _timed_copy(self, dst: torch.Tensor, src: torch.Tensor) -> float | None:
+        """Queue one copy on the copy stream. Host seconds where the backend has no timing
+        events; else None, and the device time (events around the copy) is added when read:
+        on a GPU the host only queues the copy, so host time would measure queueing."""
+        start = self.backend.timing_event(self.stream)
         t0 = time.perf_counter()
         self.backend.copy_to_device(dst, src, self.stream)
-        self.count(src.numel() * src.element_size(), time.perf_counter() - t0)
+        if start is None:
+            return time.perf_counter() - t0
+        end = self.backend.timing_event(self.stream)
+        with self._count_lock:
+            self._timings.append((start, end))
+            resolve = len(self._timings) >= 256       # keep the list short on long runs
+        if resolve:
+            self._resolve_timings()
+        return None
+
+    def _resolve_timings(self) -> None:
+        with self._count_lock:
+            pending, self._timings = self._timings, []
+        seconds = sum(self.backend.elapsed_seconds(a, b) for a, b in pending)
+        with self._count_lock:
+            self._copy_seconds += seconds
+
+    @property
+    def copy_seconds(self) -> float:
+        """Seconds spent copying to the device (device time where the backend can time it)."""
+        self._resolve_timings()
+        return self._copy_seconds
 
     def count(self, nbytes: int, seconds: float) -> None:
         with self._count_lock:
             self.h2d_bytes += nbytes
-            self.copy_seconds += seconds
+            self._copy_seconds += seconds
 
     def _file_to_device(self, ref: TensorRef, dst: torch.Tensor) -> None:
         """File -> pinned chunk -> device, a chunk at a time: a chunk is read while the copy
@@ -241,13 +270,12 @@ class Stager:
             buf = self.chunks[i][:n]
             try:
                 self.reader.pread(ref.file, ref.offset + start, buf)
-                t0 = time.perf_counter()
-                self.backend.copy_to_device(flat[start // size:(start + n) // size], buf.view(ref.dtype),
-                                            self.stream)
+                seconds = self._timed_copy(flat[start // size:(start + n) // size], buf.view(ref.dtype))
                 event = self.backend.record_event(self.stream)
             finally:
                 self._free_chunks.put((i, event))
-            self.count(n, waited + time.perf_counter() - t0)
+            # host time: the wait for the chunk plus the copy; device time: the copy alone
+            self.count(n, 0.0 if seconds is None else waited + seconds)
 
     # ---- the background threads ------------------------------------------------------------
     def submit(self, parts: list, priority: int, after=None) -> Ticket:
@@ -400,12 +428,18 @@ class OffloadedWeights:
                 if p.key not in self.resident:       # a tied head is the embedding
                     self.resident[p.key] = self._load(p, self.backend.alloc(p.shape, p.dtype))
             else:
-                if tier == HOST:
-                    self.host[p.key] = self._load(p, self.backend.pinned_empty(p.shape, p.dtype), host=True)
-                    self.host_bytes += p.nbytes
+                if tier == HOST:       # one pinned tensor per weight: what placement counted
+                    self.host[p.key] = tuple(
+                        self._load(_Piece(r.name, (r,), r.shape, p.dtype), self._pinned(r.shape, p.dtype), host=True)
+                        for r in p.refs)
                 if p.key != self.graph.embed.name or self.graph.tied:
                     staged.append(p)
         return staged
+
+    def _pinned(self, shape, dtype) -> torch.Tensor:
+        """A pinned host tensor, counted as the pinned allocator really takes it (rounded up)."""
+        self.host_bytes += self.backend.pinned_footprint(math.prod(shape) * dtype.itemsize)
+        return self.backend.pinned_empty(shape, dtype)
 
     def _load(self, p: _Piece, dst: torch.Tensor, host: bool = False) -> torch.Tensor:
         copy = self.reader.read_into if host else self.stager.copy
@@ -444,8 +478,7 @@ class OffloadedWeights:
                 if plan.tier(mlp.gate) == HOST:
                     self.host_experts[(b.index, e)] = tuple(
                         self._load(_Piece(r.name, (r,), r.shape, self.dtype),
-                                   self.backend.pinned_empty(r.shape, self.dtype), host=True) for r in mlp.refs())
-                    self.host_bytes += sum(r.numel for r in mlp.refs()) * self.dtype.itemsize
+                                   self._pinned(r.shape, self.dtype), host=True) for r in mlp.refs())
         moe_layers = [b.index for b in self.graph.blocks if b.moe is not None]
         self.next_moe = dict(zip(moe_layers, moe_layers[1:] + [None]))
         self.freq = {layer: Counter() for layer in moe_layers}
@@ -468,7 +501,7 @@ class OffloadedWeights:
             self.reader.read_rows(ref, rows, self._rows)
         else:
             if self.embed_key in self.host:
-                host = self.host[self.embed_key][uniq.cpu()]
+                host = self.host[self.embed_key][0][uniq.cpu()]
             else:
                 host = self.backend.pinned_empty(shape, self.dtype)
                 self.reader.read_rows(ref, rows, host)
@@ -568,10 +601,10 @@ class OffloadedWeights:
             yield group, self._fetch(group)
 
     # ---- layer staging -------------------------------------------------------------------------
-    def _prime(self, start: int) -> None:
+    def _prime(self, start: int, after=None) -> None:
         self._next = start
         for slot in range(len(self.ring)):
-            self._submit_next(slot, after=None)
+            self._submit_next(slot, after=after)
 
     def _submit_next(self, slot: int, after) -> None:
         unit = self.order[self._next % len(self.order)]
@@ -581,7 +614,9 @@ class OffloadedWeights:
             view = buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape)
             views[p.key] = view
             if p.key in self.host:
-                parts.append(functools.partial(self.stager.copy, self.host[p.key], view))
+                for j, src in enumerate(self.host[p.key]):
+                    dst = view[j] if len(p.refs) > 1 else view
+                    parts.append(functools.partial(self.stager.copy, src, dst))
             else:
                 for j, r in enumerate(p.refs):
                     dst = view[j] if len(p.refs) > 1 else view
@@ -609,7 +644,9 @@ class OffloadedWeights:
         for f in self._inflight:
             f.ticket.settle()
         self._inflight.clear()
-        self._prime(next(j for j, u in enumerate(self.order) if u.key == key))
+        # kernels of the aborted step may still be queued reading these slots: the refill's
+        # copies wait for everything the compute stream has queued so far
+        self._prime(next(j for j, u in enumerate(self.order) if u.key == key), after=self.backend.record_event())
 
     def _wait(self, tickets) -> None:
         t0 = time.perf_counter()
@@ -625,11 +662,13 @@ class OffloadedWeights:
         for key, slot in misses:
             self._retire(slot)
             tickets.append(self._load_expert(key, slot, DEMAND))
-        for slot in slots:                          # hits whose prefetch is still in flight
-            t = self.slot_ticket[slot]
-            if t is not None and not t.done() and t not in tickets:
+        for slot in slots:   # hits on a prefetch: its ticket being done means "copy queued", not
+            t = self.slot_ticket[slot]     # "landed", so compute always waits on the copy's event
+            if t is not None and t not in tickets:
                 tickets.append(t)
         self._wait(tickets)
+        for slot in slots:                 # the compute stream is ordered after these copies now
+            self.slot_ticket[slot] = None
         return slots
 
     def _retire(self, slot: int) -> None:

@@ -78,6 +78,7 @@ class Plan:
     pinned_chunks: int = 0
     pinned_chunk_bytes: int = 0
     top_k: int = 0
+    pinned_rounding: int = 0      # bytes the pinned allocator adds by rounding blocks up
     working_set: int = 0          # the least one step needs on the device
     note: str = ""
     summary: dict = field(default_factory=dict)   # role -> tier -> [tensors, bytes]
@@ -104,7 +105,8 @@ class Plan:
 
     @property
     def host_total(self) -> int:
-        return self.tier_bytes(HOST) + self.pinned_chunks * self.pinned_chunk_bytes
+        """Pinned host memory really taken: tensors, read ring and the allocator's rounding."""
+        return self.tier_bytes(HOST) + self.pinned_chunks * self.pinned_chunk_bytes + self.pinned_rounding
 
     def as_dict(self) -> dict:
         return {
@@ -117,7 +119,7 @@ class Plan:
             "expert_cache_slots": self.expert_slots, "expert_bytes": self.expert_bytes,
             "resident_experts": len(self.resident_experts),
             "pinned_chunks": self.pinned_chunks, "pinned_chunk_bytes": self.pinned_chunk_bytes,
-            "working_set_bytes": self.working_set, "note": self.note,
+            "pinned_rounding_bytes": self.pinned_rounding, "working_set_bytes": self.working_set, "note": self.note,
             "roles": {role: {t: {"tensors": n, "bytes": b} for t, (n, b) in tiers.items()}
                       for role, tiers in self.summary.items()},
         }
@@ -197,12 +199,14 @@ def plan(graph: ModelGraph, backend: Backend, device_budget: int | None = None,
             f"{format_bytes(full - reserve)} + KV reserve {format_bytes(reserve)}), {budget} is too small; "
             f"use --offload auto (or raise --max-device-memory"
             f"{'/--max-host-memory' if unified else ''})")
+    planner.footprint = backend.pinned_footprint
     return _summarize(planner.run(D, H, reserve, unified, expert_stats, base, budget), graph, size)
 
 
 class _Planner:
     def __init__(self, graph: ModelGraph, size: dict, mode: str, top_k: int):
         self.g, self.size, self.mode, self.top_k = graph, size, mode, top_k
+        self.footprint = lambda n: n          # host bytes one pinned tensor of n bytes takes
         moe = [b for b in graph.blocks if b.moe is not None]
         self.moe_blocks = moe
         self.num_experts = len(moe[0].moe.experts) if moe else 0
@@ -311,21 +315,27 @@ class _Planner:
         return p
 
     def plan_host(self, p: Plan, H: int, stats) -> None:
-        """Pinned host tier (discrete devices): a small ring for reads, then the same priority."""
+        """Pinned host tier (discrete devices): a small ring for reads, then the same priority.
+        Each pinned tensor (one per weight) is counted as the allocator really takes it (PyTorch's
+        pinned allocator rounds blocks up to a power of two), so --max-host-memory holds."""
+        fp = self.footprint
         chunk = max(2**20, min(PINNED_CHUNK_MAX, H // (4 * PINNED_CHUNKS)))
-        chunk -= chunk % ALIGN
-        if PINNED_CHUNKS * chunk > H:
+        chunk = 1 << (chunk.bit_length() - 1)       # a power of two: nothing lost to rounding
+        if PINNED_CHUNKS * fp(chunk) > H:
             raise BudgetError(f"the host budget {format_bytes(H)} is smaller than the pinned read ring "
                               f"({PINNED_CHUNKS} x {format_bytes(chunk)}); raise --max-host-memory")
         p.pinned_chunks, p.pinned_chunk_bytes = PINNED_CHUNKS, chunk
-        left = H - PINNED_CHUNKS * chunk
+        left = H - PINNED_CHUNKS * fp(chunk)
+        rounding = PINNED_CHUNKS * (fp(chunk) - chunk)
         for group in self.groups(stats):
             names = [r.name for r in group if p.tiers[r.name] == DISK]
-            n = sum(self.size[x] for x in names)
+            n = sum(fp(self.size[x]) for x in names)
             if names and n <= left:
                 for x in names:
                     p.tiers[x] = HOST
                 left -= n
+                rounding += n - sum(self.size[x] for x in names)
+        p.pinned_rounding = rounding
 
 
 def _summarize(p: Plan, graph: ModelGraph, size: dict) -> Plan:

@@ -209,8 +209,11 @@ def fake_torch(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props[i])
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (free, props[i].total_memory))
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
         for mod in (cuda_backend, rocm_backend, ix_backend):
             monkeypatch.setattr(mod, "triton_version", lambda: triton)
+        return current
+    current = []
     return install
 
 
@@ -252,6 +255,18 @@ def test_rocm_factory_reads_gcn_arch_and_lds(fake_torch):
     assert b.caps.max_shared_memory == 160 * KiB
     with pytest.raises(RuntimeError, match="built with HIP, not CUDA"):
         cuda_backend.make_backend(0)
+
+
+def test_factories_make_their_device_current(fake_torch):
+    """cuda:N / rocm:N with N != 0: the factory sets the thread's device, or Triton launches and
+    graph capture would land on device 0."""
+    mi300 = SimpleNamespace(name="AMD Instinct MI300X", major=9, minor=4, total_memory=192 * GiB,
+                            gcnArchName="gfx942:sramecc+:xnack-")
+    current = fake_torch("2.6.0+rocm6.2", mi300, mi300, hip="6.2.41133")
+    b = rocm_backend.make_backend(1)
+    assert current == [torch.device("cuda:1")] and b.device == torch.device("cuda:1")
+    b.bind_thread()
+    assert current[-1] == torch.device("cuda:1")
 
 
 def test_ixuca_factory_on_corex(fake_torch):
