@@ -18,7 +18,7 @@ import torch
 from .decode_graphs import DecodeGraphs, graphs_unavailable
 from .kvcache import KVCache
 from .executor import ErnieModel
-from .sampling import SamplingParams, make_generator, sample, token_logprobs
+from .sampling import SamplingParams, make_generator, sample_batch, token_logprobs
 
 
 class GenerationError(ValueError):
@@ -186,13 +186,14 @@ class Engine:
             s.num_computed += n
             if kv.needs_commit(s.seq_id):      # blocks filled this step become shareable
                 kv.commit(s.seq_id, s.all_ids)
-        if logits is not None:
-            logits = logits.cpu()
-            for row, i in enumerate(ready):
-                s = taken[i]
-                token = sample(logits[row], s.params, s.generator, s.prompt_ids, s.output_ids)
-                if s.params.logprobs is not None:
-                    s.logprobs.append(token_logprobs(logits[row], token, s.params.logprobs))
+        if logits is not None:        # sampled where the logits are: only the ids come back
+            rows = [taken[i] for i in ready]
+            tokens, lps = sample_batch(logits, [s.params for s in rows], [s.generator for s in rows],
+                                       [s.prompt_ids for s in rows], [s.output_ids for s in rows],
+                                       [s.params.logprobs for s in rows])
+            for s, token, lp in zip(rows, tokens, lps):
+                if lp is not None:
+                    s.logprobs.append(lp)
                 s.output_ids.append(token)
                 self._check_finished(s, token)
                 out.append((s, token))

@@ -1,4 +1,5 @@
-"""Sampling parameters and the token sampler (penalties, greedy, temperature, top-k, top-p, seeded)."""
+"""Sampling parameters and the token samplers (penalties, greedy, temperature, top-k, top-p, seeded):
+`sample` for one row on the cpu (the oracle), `sample_batch` for a whole step where the logits are."""
 
 from __future__ import annotations
 
@@ -121,3 +122,125 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
         values, ids = torch.topk(lp, top)
         alternatives = list(zip(ids.tolist(), values.tolist()))
     return float(lp[token]), alternatives
+
+
+# ---- the batched sampler: the whole batch on the logits' device -------------------------------
+# One call per step over logits [B, V] wherever they were computed; only the token ids (and the
+# requested logprobs) come back to the host. Row for row it computes what `sample` computes, op
+# for op, so greedy ids and seeded ids are identical to the per-row sampler on the cpu:
+# torch.multinomial(p, 1, generator=g) is argmax(p / q) with q = empty_like(p).exponential_(g)
+# (aten/src/ATen/native/Distributions.cpp, the Gumbel-max fast path), so a seeded row draws its q
+# from its own cpu generator, as before, and only q travels; unseeded rows draw on the device.
+# A grammar mask (structured decoding) is applied to `logits` before this call: the seam is
+# logits [B, V] on the device in, ids out.
+
+def _column(values, dtype, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
+
+def _padded_ids(rows: list, device) -> torch.Tensor:
+    """[B, L] int64 ids (rows padded with -1), one host-to-device copy."""
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out.to(device, non_blocking=True)
+
+
+def _counts(ids: torch.Tensor, V: int) -> torch.Tensor:
+    """[B, V] float32 occurrences of each id (padding -1 ignored)."""
+    valid = ids >= 0
+    counts = torch.zeros(ids.shape[0], V + 1, dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(1, torch.where(valid, ids, V), valid.float())
+    return counts[:, :V]
+
+
+def apply_penalties_batch(logits: torch.Tensor, params: list, prompt_ids: list, output_ids: list) -> torch.Tensor:
+    """`apply_penalties` over every row of logits [B, V] at once (rows without penalties unchanged)."""
+    scores = logits.float().clone()
+    B, V = scores.shape
+    dev = scores.device
+    rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep:
+        seen = _counts(_padded_ids([list(prompt_ids[i]) + list(output_ids[i]) for i in rep], dev), V) > 0
+        rp = _column([params[i].repetition_penalty for i in rep], torch.float32, dev)
+        rows = torch.tensor(rep, device=dev)
+        picked = scores[rows]
+        scores[rows] = torch.where(seen, torch.where(picked > 0, picked / rp, picked * rp), picked)
+    fp = [i for i, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and output_ids[i]]
+    if fp:
+        counts = _counts(_padded_ids([list(output_ids[i]) for i in fp], dev), V)
+        freq = _column([params[i].frequency_penalty for i in fp], torch.float32, dev)
+        pres = _column([params[i].presence_penalty for i in fp], torch.float32, dev)
+        rows = torch.tensor(fp, device=dev)
+        scores[rows] = scores[rows] - (freq * counts + pres * (counts > 0).float())
+    return scores
+
+
+def _filtered(scores: torch.Tensor, params: list) -> torch.Tensor:
+    """Temperature, top-k and top-p of `sample`, per row, on scores [B, V] (float32)."""
+    B, V = scores.shape
+    dev = scores.device
+    scores = scores / _column([p.temperature for p in params], torch.float32, dev)
+    ks = [p.top_k if p.top_k and p.top_k < V else 0 for p in params]
+    if any(ks):
+        top = torch.topk(scores, max(ks), dim=-1).values
+        kth = top.gather(1, _column([max(k, 1) - 1 for k in ks], torch.long, dev))
+        on = _column([k > 0 for k in ks], torch.bool, dev)
+        scores = scores.masked_fill(on & (scores < kth), float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        top_p = _column([p.top_p for p in params], torch.float32, dev)
+        drop = ((torch.cumsum(probs, dim=-1) - probs) > top_p) & (top_p < 1.0)
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.empty_like(scores).scatter_(1, order, sorted_scores)
+    return scores
+
+
+def _exponentials(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    """q ~ Exp(1) per row: from the row's cpu generator when seeded (the draws multinomial would
+    make), else from the device's default generator."""
+    q = torch.empty_like(probs).exponential_()
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:
+        host = torch.stack([torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generators[i])
+                            for i in seeded])
+        q[torch.tensor(seeded, device=probs.device)] = host.to(probs.device, non_blocking=True)
+    return q
+
+
+def sample_batch(logits: torch.Tensor, params: list, generators: list, prompt_ids: list, output_ids: list,
+                 logprobs: list | None = None) -> tuple:
+    """Token ids for every row of float32 logits [B, V] (on any device): row i with params[i],
+    generators[i] (None: unseeded) and its prompt/output ids for the penalties. `logprobs[i]`:
+    None, or how many alternatives row i reports. Returns (ids: list[int], logprobs: list of
+    token_logprobs tuples or None per row)."""
+    B = logits.shape[0]
+    logprobs = logprobs or [None] * B
+    if any(p.penalized for p in params):
+        scores = apply_penalties_batch(logits, params, prompt_ids, output_ids)
+    else:
+        scores = logits.float()
+    ids = torch.argmax(scores, dim=-1)                     # greedy rows take these
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=scores.device)
+        part = _filtered(scores[rows], [params[i] for i in sampled])
+        probs = torch.softmax(part, dim=-1)
+        ids[rows] = torch.argmax(probs / _exponentials(probs, [generators[i] for i in sampled]), dim=-1)
+    report = [i for i, k in enumerate(logprobs) if k is not None]
+    lp_out = [None] * B
+    if report:
+        rows = torch.tensor(report, device=logits.device)
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        chosen = lp.gather(1, ids[rows][:, None])[:, 0]
+        top = max(logprobs[i] for i in report)
+        values, alt = torch.topk(lp, top, dim=-1) if top else (None, None)
+        chosen = chosen.tolist()
+        values, alt = (values.tolist(), alt.tolist()) if top else (None, None)
+        for j, i in enumerate(report):
+            k = logprobs[i]
+            lp_out[i] = (chosen[j], list(zip(alt[j][:k], values[j][:k])) if k else [])
+    return ids.tolist(), lp_out

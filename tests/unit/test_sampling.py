@@ -80,3 +80,60 @@ def test_prompt_logprobs_score_each_prompt_token_also_in_chunks():
         eng.step([seq], max_tokens=16)
     eng.free(seq)
     assert [lp for lp, _ in seq.prompt_logprobs] == pytest.approx([lp for lp, _ in out.prompt_logprobs], abs=1e-5)
+
+
+# ---- the batched sampler: the per-row sampler's ids, the whole batch at once --------------------
+from ernie_hal.core.runtime.sampling import make_generator, sample_batch, token_logprobs  # noqa: E402
+
+MIXED = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.8, seed=1),
+         SamplingParams(temperature=1.0, top_k=5, top_p=1.0, seed=2), SamplingParams(temperature=0.7, top_k=50, top_p=0.9),
+         SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5),
+         SamplingParams(temperature=1.2, top_p=0.95, presence_penalty=-0.5, repetition_penalty=0.8, seed=3),
+         SamplingParams(temperature=0.5, top_k=1, seed=4), SamplingParams(temperature=2.0, top_p=0.5, seed=5)]
+
+
+def test_batched_sampler_gives_the_per_row_samplers_ids_and_logprobs():
+    """Eight rows of different params over 30 steps: greedy and seeded rows give exactly the ids
+    of `sample` row by row (same generators, same penalties history), logprobs the same values."""
+    g = torch.Generator().manual_seed(0)
+    V = 300
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 7, 1, 12, 5, 9, 4, 6)]
+    gens_a = [make_generator(p.seed) for p in MIXED]
+    gens_b = [make_generator(p.seed) for p in MIXED]
+    out_a, out_b = [[] for _ in MIXED], [[] for _ in MIXED]
+    for step in range(30):
+        logits = torch.randn(len(MIXED), V, generator=g) * 3
+        ids, lps = sample_batch(logits, MIXED, gens_b, prompts, out_b, [2 if i % 2 else None for i in range(8)])
+        for i, p in enumerate(MIXED):
+            want = sample(logits[i], p, gens_a[i], prompts[i], out_a[i])
+            out_a[i].append(want)
+            out_b[i].append(ids[i])
+            if i % 2:
+                lp, alt = token_logprobs(logits[i], ids[i], 2)
+                assert lps[i][0] == pytest.approx(lp, abs=1e-6) and [a for a, _ in lps[i][1]] == [a for a, _ in alt]
+            else:
+                assert lps[i] is None
+    seeded_or_greedy = [i for i, p in enumerate(MIXED) if p.greedy or p.seed is not None]
+    assert [out_b[i] for i in seeded_or_greedy] == [out_a[i] for i in seeded_or_greedy]
+    assert all(0 <= t < V for row in out_b for t in row)
+
+
+def test_batched_sampler_copies_no_logits_to_the_host(monkeypatch):
+    """Only ids (and logprob rows asked for) leave the logits' device: no .cpu() of [B, V]."""
+    logits = torch.randn(4, 100)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=10),
+              SamplingParams(temperature=0.9, top_p=0.5, frequency_penalty=1.0), SamplingParams(temperature=1.0)]
+
+    def refuse(self, *a, **k):
+        raise AssertionError(f"a {tuple(self.shape)} tensor copied to the host")
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    ids, _ = sample_batch(logits, params, [None] * 4, [[1, 2]] * 4, [[3, 3]] * 4)
+    assert len(ids) == 4 and ids[0] == int(torch.argmax(logits[0]))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_in_the_batch():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6),
+              SamplingParams(temperature=0)]
+    ids, _ = sample_batch(logits, params, [None] * 3, [[]] * 3, [[]] * 3)
+    assert ids == torch.argmax(logits, dim=-1).tolist()
