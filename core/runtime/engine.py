@@ -71,11 +71,13 @@ class StepTimes:
 class Engine:
     def __init__(self, model: ErnieModel, stop_token_ids=(), max_model_len: int | None = None,
                  block_size: int = 16, graphs: bool = True, graph_max_batch: int = 64,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, prefill_chunk: int = 8192):
         """`graphs`: replay decode steps from captured device graphs where the backend and the
         weight store allow it (core/runtime/decode_graphs.py); False keeps every step eager.
         `prefix_caching`: sequences admitted with `admit` share the cached KV blocks of a
-        common prefix (core/runtime/prefix_cache.py)."""
+        common prefix (core/runtime/prefix_cache.py). `prefill_chunk`: `generate` prefills at
+        most this many tokens per forward, so activations (and MoE intermediates) stay bounded
+        on long prompts."""
         self.model = model
         self.config = model.config
         self.stop_token_ids = tuple(stop_token_ids) or (self.config.eos_token_id,)
@@ -83,6 +85,7 @@ class Engine:
                                  self.config.max_position_embeddings)
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        self.prefill_chunk = max(1, int(prefill_chunk))
         self.kv: KVCache | None = None
         self._ids = itertools.count()
         why_not = "turned off (eager)" if not graphs else graphs_unavailable(model.backend, model.weights)
@@ -179,8 +182,9 @@ class Engine:
             logits = every[ends[ready]] if ready else None
         elif self.graphs is not None and len(ready) == len(taken) == len(ids):   # a pure decode step
             logits = self.graphs.run(ids, meta, kv)
-        if logits is None and ready:
+        if logits is None:    # also a chunk no sequence finishes: its K/V must be written
             logits = self.model.forward(ids, meta, kv, ends[ready].to(self.model.backend.device))
+            logits = logits if ready else None
         out = []
         for s, n in zip(taken, counts):
             s.num_computed += n
@@ -251,15 +255,14 @@ class Engine:
             times.cached_tokens += self.admit(s)
         try:
             running = list(seqs)
-            first = True
+            times.prefill_tokens += sum(len(s.prompt_ids) for s in seqs) - times.cached_tokens
             while running:
+                prefilling = any(s.num_computed < len(s.prompt_ids) for s in running)
                 t0 = time.perf_counter()
-                produced = self.step(running)
+                produced = self.step(running, max_tokens=self.prefill_chunk if prefilling else None)
                 dt = time.perf_counter() - t0
-                if first:
-                    times.prefill_tokens += sum(len(s.prompt_ids) for s in seqs) - times.cached_tokens
+                if prefilling:      # long prompts: several chunks of at most prefill_chunk tokens
                     times.prefill_seconds += dt
-                    first = False
                 else:
                     times.decode_tokens += len(produced)
                     times.decode_seconds += dt

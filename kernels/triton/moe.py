@@ -27,6 +27,11 @@ as in JSON; a T above every key takes the largest key's config). A flat config h
     waves_per_eu, matrix_instr_nonkdim, kpack   AMD only; passed when present and the target is
                                 HIP (or the interpreter, which ignores them), dropped on CUDA
 Missing keys fall back to DEFAULT_CONFIG's bucket for that T.
+
+Long prefills run the expert GEMMs CHUNK_TOKENS tokens at a time into one pair of intermediates
+(h [chunk*k, I], y [chunk*k, H]) reused by every chunk, as vLLM's fused_moe does: a 128K-token
+prefill of a 300B-class MoE would otherwise allocate ~25 GB for h and y. Every chunk uses the
+tile config of the whole call's T, so chunked and unchunked results are identical.
 """
 
 import torch
@@ -83,6 +88,7 @@ def _bucket(buckets: list, T: int) -> dict:
 
 
 _DEFAULTS = sorted(DEFAULT_CONFIG.items())
+CHUNK_TOKENS = 8192       # tokens per expert-GEMM chunk (vLLM's VLLM_FUSED_MOE_CHUNK_SIZE idea)
 
 
 def pick_config(config, T: int) -> dict:
@@ -120,7 +126,23 @@ def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, sh
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    cfg = _bucket(buckets, T)
+    cfg = _bucket(buckets, T)          # the whole call's tiles for every chunk: same results
+    chunk = min(T, CHUNK_TOKENS)
+    h = torch.empty((chunk * k, I), dtype=x.dtype, device=x.device)    # [chunk*k, I], reused
+    y = torch.empty((chunk * k, H), dtype=x.dtype, device=x.device)    # [chunk*k, H], reused
+    w_flat = topk_weights.reshape(-1).to(x.dtype).contiguous()          # HF: weight in x.dtype
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        _experts_chunk(cfg, x[t0:t1], w_flat[t0 * k:t1 * k], topk_ids[t0:t1], w_gate, w_up, w_down,
+                       h, y, out[t0:t1], None if shared_out is None else shared_out[t0:t1])
+    return out
+
+
+def _experts_chunk(cfg, x, w_flat, topk_ids, w_gate, w_up, w_down, h, y, out, shared_out):
+    """align -> gate+up -> down -> combine for one chunk of tokens, into the shared h and y."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, I, _ = w_gate.shape
     opts = launch_options(cfg)
     BM, BN, BK, GM = (cfg[key] for key in TILE_KEYS)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, BM, E)
@@ -129,14 +151,11 @@ def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, sh
     flags = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, DOT_FP32=INTERPRET,
                  IEEE=x.dtype == torch.float32 and not INTERPRET)
 
-    h = torch.empty((n, I), dtype=x.dtype, device=x.device)            # [T*k, I]
     moe_gate_up_kernel[(num_pid_m * triton.cdiv(I, BN),)](
         x, w_gate, w_up, h, sorted_ids, expert_ids, num_post, I, H, n, num_pid_m,
         x.stride(0), x.stride(1), *w_gate.stride(), *w_up.stride(), h.stride(0), h.stride(1),
         TOP_K=k, **flags, **opts)
 
-    y = torch.empty((n, H), dtype=x.dtype, device=x.device)            # [T*k, H]
-    w_flat = topk_weights.reshape(-1).to(x.dtype).contiguous()          # HF: weight in x.dtype
     moe_down_kernel[(num_pid_m * triton.cdiv(H, BN),)](
         h, w_down, y, w_flat, sorted_ids, expert_ids, num_post, H, I, n, num_pid_m,
         h.stride(0), h.stride(1), *w_down.stride(), y.stride(0), y.stride(1), **flags, **opts)
@@ -146,7 +165,6 @@ def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, sh
         y, shared_out if shared_out is not None else y, out, H, y.stride(0),
         shared_out.stride(0) if shared_out is not None else 0, out.stride(0),
         TOP_K=k, HAS_SHARED=shared_out is not None, BLOCK_N=block_n, num_warps=4)
-    return out
 
 
 def make_moe_route(config=None):

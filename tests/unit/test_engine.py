@@ -37,8 +37,31 @@ def test_chunked_prefill_equals_single_prefill(model):
     produced = []
     while not produced:
         produced = eng.step([seq], max_tokens=16)   # 57 prompt tokens in chunks of 16
+    k0 = kv.k[0][kv.blocks(seq.seq_id)[0]].clone()
     kv.free_sequence(seq.seq_id)
     assert produced[0][1] == int(model.logits(prompt)[-1].argmax())
+    assert k0.abs().sum() > 0          # the first chunk (no token produced) wrote its K/V
+
+
+def test_generate_prefills_long_prompts_in_chunks(model, monkeypatch):
+    """Model.generate with a prefill_chunk smaller than the prompts: no forward takes more than
+    the chunk, and the tokens are those of one-pass prefill."""
+    prompts = [list(range(3, 60)), [9, 8, 7]]
+    kw = dict(max_new_tokens=5, temperature=0, ignore_eos=True)
+    want = [c.token_ids for c in model.generate(prompts, **kw)]
+    eng = model.engine
+    widths = []
+    forward = eng.model.forward
+
+    def counted(ids, *a, **k):
+        widths.append(ids.shape[0])
+        return forward(ids, *a, **k)
+    monkeypatch.setattr(eng.model, "forward", counted)
+    monkeypatch.setattr(eng, "prefill_chunk", 16)
+    out = model.generate(prompts, **kw)
+    assert [c.token_ids for c in out] == want
+    assert max(widths) <= 16 and sum(w for w in widths if w > 2) >= 57     # 60 prompt tokens, chunked
+    assert out[0].metrics["prefill_tokens"] == 60
 
 
 def test_seeded_sampling_is_reproducible_and_seed_sensitive(model):

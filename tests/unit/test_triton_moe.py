@@ -275,3 +275,28 @@ def test_kernels_compile_for_sm90_and_gfx942():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     assert r.stdout.count(" ok") == 14, r.stdout
+
+
+# ---- long prefill: expert GEMMs chunked over tokens into reused intermediates ---------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_long_prefill_equals_one_pass_and_keeps_intermediates_small(dtype, monkeypatch):
+    from ernie_hal.kernels.triton import moe as moe_mod
+    x, router, bias, w_gate, w_up, w_down, sh = make_layer(23, 48, 16, 6, 1, dtype, seed=5)
+    whole = make_moe(CUDA_LIKE)(x, router, bias, w_gate, w_up, w_down, 2, 1e-12, shared=sh)
+    sizes = []
+    real_empty = torch.empty
+
+    def watch(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        sizes.append(t.numel())
+        return t
+    monkeypatch.setattr(moe_mod, "CHUNK_TOKENS", 5)             # 23 tokens: chunks 5,5,5,5,3
+    monkeypatch.setattr(moe_mod.torch, "empty", watch)
+    chunked = make_moe(CUDA_LIKE)(x, router, bias, w_gate, w_up, w_down, 2, 1e-12, shared=sh)
+    monkeypatch.setattr(moe_mod.torch, "empty", real_empty)
+    assert torch.equal(chunked, whole)
+    close(chunked, ref.moe(x, router, bias, w_gate, w_up, w_down, 2, 1e-12, shared=sh), dtype)
+    # h [5*2, 16] and y [5*2, 48] once each, never [23*2, ...]
+    assert sizes.count(5 * 2 * 16) == 1 and sizes.count(5 * 2 * 48) == 1
+    assert 23 * 2 * 16 not in sizes and 23 * 2 * 48 not in sizes
