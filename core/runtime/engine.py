@@ -17,6 +17,7 @@ import torch
 
 from .decode_graphs import DecodeGraphs, graphs_unavailable
 from .kvcache import KVCache
+from .step_inputs import PinnedUploader
 from .executor import ErnieModel
 from .sampling import SamplingParams, make_generator, sample_batch, token_logprobs
 
@@ -123,7 +124,8 @@ class Engine:
             extra = 1 if self.graphs is not None else 0
             self.kv = KVCache(c.num_hidden_layers, num_blocks + extra, self.block_size, c.num_key_value_heads,
                               c.head_dim, self.model.dtype, b.device, alloc=b.alloc,
-                              prefix_caching=self.prefix_caching)
+                              prefix_caching=self.prefix_caching,
+                              uploader=None if b.caps.unified_memory else PinnedUploader(b))
             if self.graphs is not None:
                 self.graphs.bind(self.kv)
         return self.kv

@@ -5,12 +5,18 @@ sequence holds a list of blocks (its leading full blocks possibly shared with ot
 of the same prefix: core/runtime/prefix_cache.py); token p of a sequence lives at flat slot
 blocks[p // block_size] * block_size + p % block_size. `prepare` reserves room for one step
 of a batch and returns the AttentionMetadata the attention ops take.
+
+Host work per step does not grow with the context: every sequence owns a row of a host mirror
+of the block table, written only when it gains a block; a step gathers its rows at once, and
+with an `uploader` (discrete devices: core/runtime/step_inputs.py) the step's inputs reach the
+device in one non-blocking copy from pinned memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .prefix_cache import BlockPool, KVCacheFullError  # noqa: F401 - KVCacheFullError is public here
@@ -32,7 +38,8 @@ class AttentionMetadata:
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, alloc=None, prefix_caching: bool = False):
+                 head_dim: int, dtype: torch.dtype, device, alloc=None, prefix_caching: bool = False,
+                 uploader=None):
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
@@ -52,6 +59,12 @@ class KVCache:
         self._blocks: dict[int, list[int]] = {}
         self._lens: dict[int, int] = {}
         self._named: dict[int, tuple] = {}     # seq -> (full blocks named so far, last block's hash)
+        self.uploader = uploader
+        # host mirror of the block table, one row per sequence (numpy: cheap small writes, and no
+        # inference-mode tensor that a later write outside inference mode would trip over)
+        self._table = np.zeros((8, 8), dtype=np.int32)
+        self._row: dict[int, int] = {}
+        self._free_rows: list[int] = list(range(8))
 
     # ---- sizing --------------------------------------------------------------------------
     @staticmethod
@@ -76,7 +89,23 @@ class KVCache:
         blocks, parent = self.allocator.match(tokens, self.block_size) if tokens is not None else ([], None)
         self._blocks[seq_id], self._lens[seq_id] = blocks, len(blocks) * self.block_size
         self._named[seq_id] = (len(blocks), parent)
+        if not self._free_rows:                       # twice the rows
+            n = self._table.shape[0]
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            self._free_rows = list(range(n, 2 * n))
+        self._row[seq_id] = self._free_rows.pop()
+        self._mirror(seq_id, 0)
         return self._lens[seq_id]
+
+    def _mirror(self, seq_id: int, start: int) -> None:
+        """Copy the sequence's blocks from index `start` on into its row of the host mirror."""
+        blocks = self._blocks[seq_id]
+        if len(blocks) > self._table.shape[1]:        # wider: twice the columns, or what is needed
+            wide = np.zeros((self._table.shape[0], max(len(blocks), 2 * self._table.shape[1])), dtype=np.int32)
+            wide[:, :self._table.shape[1]] = self._table
+            self._table = wide
+        if len(blocks) > start:
+            self._table[self._row[seq_id], start:len(blocks)] = blocks[start:]
 
     def commit(self, seq_id: int, tokens) -> None:
         """Name the sequence's blocks that are full now (`tokens`: its ids, at least as many as
@@ -94,6 +123,9 @@ class KVCache:
         return self.allocator.caching and self._lens[seq_id] // self.block_size > self._named[seq_id][0]
 
     def free_sequence(self, seq_id: int) -> None:
+        row = self._row.pop(seq_id)
+        self._table[row, :len(self._blocks[seq_id])] = 0
+        self._free_rows.append(row)
         self.allocator.free(self._blocks.pop(seq_id))
         del self._lens[seq_id]
         del self._named[seq_id]
@@ -128,7 +160,9 @@ class KVCache:
         blocks = self._blocks[seq_id]
         need = self._blocks_needed(seq_id, n)
         if need:
+            have = len(blocks)
             blocks.extend(self.allocator.allocate(need))
+            self._mirror(seq_id, have)
         start, bs = self._lens[seq_id], self.block_size
         self._lens[seq_id] = start + n
         slots: list[int] = []
@@ -148,10 +182,13 @@ class KVCache:
 
     def block_table(self, seq_ids) -> torch.Tensor:
         """[B, max_blocks] int32, rows padded with block 0 (always masked by context_lens)."""
-        seq_ids = list(seq_ids)
+        return self._host_table(list(seq_ids)).to(self.device)
+
+    def _host_table(self, seq_ids: list) -> torch.Tensor:
+        """The batch's rows of the host mirror, as wide as its longest sequence."""
         width = max((len(self._blocks[s]) for s in seq_ids), default=0)
-        rows = [self._blocks[s] + [0] * (width - len(self._blocks[s])) for s in seq_ids]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(rows), width)
+        rows = [self._row[s] for s in seq_ids]
+        return torch.from_numpy(self._table[rows, :width])
 
     # ---- the per-step entry --------------------------------------------------------------
     def prepare(self, seq_ids, num_new_tokens_list) -> AttentionMetadata:
@@ -177,14 +214,14 @@ class KVCache:
             positions += range(old, old + n)
             starts.append(starts[-1] + n)
         ctx = [self._lens[s] for s in seq_ids]
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=self.block_table(seq_ids),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-        )
+        host = [torch.tensor(slots, dtype=torch.int64), self._host_table(seq_ids),
+                torch.tensor(ctx, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32),
+                torch.tensor(positions, dtype=torch.int64)]
+        if self.uploader is not None:
+            parts = self.uploader.upload(host)
+        else:
+            parts = [t.to(self.device) for t in host]
+        return AttentionMetadata(*parts)
 
     def layer(self, i: int):
         """(k_cache, v_cache) of layer i."""

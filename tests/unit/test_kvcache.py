@@ -200,3 +200,68 @@ def test_decode_batch_after_free_reuses_blocks():
     torch.testing.assert_close(torch.cat(outs), full(*(t[:5] for t in seqs[2])),
                                atol=1e-5, rtol=1e-5)
     assert c.context_len(1) == 6 and c.context_len(2) == 5
+
+
+# ---- host work per step: the block-table mirror and one pinned upload ---------------------------
+
+def test_block_table_mirror_matches_the_lists_through_growth_and_reuse():
+    """Random adds, steps and frees (rows reused, table widened, more rows): every prepare's block
+    table is the padded list of each sequence's blocks, as the per-step rebuild made it."""
+    g = torch.Generator().manual_seed(0)
+    kv = KVCache(1, 400, 4, NKV, D, torch.float32, "cpu")
+    live, next_id = [], 0
+    for step in range(120):
+        r = int(torch.randint(0, 10, (1,), generator=g))
+        if r < 3 or not live:
+            kv.add_sequence(next_id)
+            live.append(next_id)
+            next_id += 1
+        elif r < 4 and len(live) > 1:
+            kv.free_sequence(live.pop(int(torch.randint(0, len(live), (1,), generator=g))))
+        batch = live[-min(len(live), 12):]
+        counts = [int(torch.randint(1, 6, (1,), generator=g)) for _ in batch]
+        if not kv.can_reserve(None, sum(counts) + 4 * len(batch)):
+            break
+        meta = kv.prepare(batch, counts)
+        width = max(len(kv.blocks(s)) for s in batch)
+        want = [kv.blocks(s) + [0] * (width - len(kv.blocks(s))) for s in batch]
+        assert meta.block_tables.tolist() == want and meta.block_tables.dtype == torch.int32
+    assert next_id > 8 and kv._table.shape[0] > 8           # the mirror grew rows (and columns)
+
+
+class _Uploads:
+    """A discrete device's verbs on the cpu: counts host-to-device copies and events."""
+
+    def __init__(self):
+        self.device, self.copies, self.synced = torch.device("cpu"), 0, []
+
+    def pinned_empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    def copy_to_device(self, dst, src, stream=None):
+        self.copies += 1
+        dst.copy_(src)
+
+    def record_event(self, stream=None):
+        return object()
+
+    def sync_event(self, event):
+        self.synced.append(event)
+
+
+def test_prepare_on_a_discrete_device_is_one_copy_with_the_same_metadata():
+    from ernie_hal.core.runtime.step_inputs import PinnedUploader
+    dev = _Uploads()
+    plain = KVCache(1, 32, 4, NKV, D, torch.float32, "cpu")
+    staged = KVCache(1, 32, 4, NKV, D, torch.float32, "cpu", uploader=PinnedUploader(dev))
+    for kv in (plain, staged):
+        kv.add_sequence(0)
+        kv.add_sequence(1)
+    for counts in ([5, 3], [1, 1], [9, 1], [1, 1]):
+        a, b = plain.prepare([0, 1], counts), staged.prepare([0, 1], counts)
+        for name in ("slot_mapping", "block_tables", "context_lens", "query_start_loc", "positions"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert dev.copies == 4
+    # two pinned buffers in turn: the third upload waited for the first's copy event
+    assert len(dev.synced) == 4 and dev.synced[0] is None and dev.synced[2] is not None
