@@ -7,14 +7,18 @@ Path by shape alone, as the reference does (no host sync): T == B means one quer
 -> decode kernel (split along the context, then a reduce when split); otherwise the prefill
 kernel, which also covers chunked prefill (a cached prefix before the new queries) and ragged
 batches. Grids come from shapes: prefill T // BLOCK_Q + B q-blocks (spare ones return at once),
-decode B x nkv x num_parts with num_parts from the block-table width.
+decode B x nkv x num_parts with num_parts from the block-table width (fixed per shape, so a
+captured graph stays valid); each sequence splits its own context over as many of them as its
+real length fills (at least PARTITION_SIZE keys per split), read on the device, and the reduce
+merges REDUCE_TILE partials per step.
 
 Config (flat dict, all keys optional; defaults in DEFAULT_CONFIG):
     BLOCK_M            prefill score-tile rows = query tokens x the G heads of one kv group
                        (power of two >= 16; raised to next_pow2(G) when G is larger)
     BLOCK_N            prefill keys per tile (power of two >= 16)
     num_warps, num_stages                prefill launch options
-    PARTITION_SIZE     decode: fewest keys per split (a multiple of DECODE_BLOCK_N)
+    PARTITION_SIZE     decode: fewest keys per split (a multiple of DECODE_BLOCK_N); a
+                       sequence of L keys uses min(cdiv(L, PARTITION_SIZE), num_parts) splits
     DECODE_PROGRAMS    decode: the split stops growing once B * nkv * num_parts reaches this,
                        which also bounds the fp32 scratch (num_parts partials of [nh, d] per seq)
     DECODE_BLOCK_N     decode keys per tile (power of two >= 16)
@@ -32,11 +36,12 @@ from .attention_kernels import (LOG2E, decode_attention_kernel, decode_reduce_ke
 
 DEFAULT_CONFIG = {
     "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
-    "PARTITION_SIZE": 512, "DECODE_PROGRAMS": 2048, "DECODE_BLOCK_N": 64,
+    "PARTITION_SIZE": 256, "DECODE_PROGRAMS": 2048, "DECODE_BLOCK_N": 64,
     "decode_num_warps": 4, "decode_num_stages": 2,
 }
 CONFIG_KEYS = (*DEFAULT_CONFIG, *AMD_OPTIONS)
 _POW2_KEYS = ("BLOCK_M", "BLOCK_N", "DECODE_BLOCK_N")
+REDUCE_TILE = 16         # partials the decode reduce merges per step
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -122,13 +127,14 @@ def make_gqa_attention(config: dict | None = None):
                 l = torch.empty_like(m)
             decode_attention_kernel[(B, nkv, num_parts)](
                 q, k_cache, v_cache, part, m, l, block_tables, context_lens, qk_scale, *common,
-                G=G, HEAD_DIM=d, BLOCK_D=block_d, part_size=part_size, num_parts=num_parts,
+                G=G, HEAD_DIM=d, BLOCK_D=block_d, min_part=cfg["PARTITION_SIZE"], num_parts=num_parts,
                 BLOCK_SIZE=bs, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
                 ONE_PART=one, FP32_DOT=fp32_dot, **decode_opts)
             if not one:
                 decode_reduce_kernel[(B, nh)](
-                    part, m, l, out, context_lens, nh, num_parts, part_size,
+                    part, m, l, out, context_lens, nh, num_parts, cfg["PARTITION_SIZE"],
                     out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_D=block_d,
+                    BLOCK_N=block_n, BLOCK_P=min(REDUCE_TILE, triton.next_power_of_2(num_parts)),
                     **decode_opts)
             return out
 

@@ -147,25 +147,35 @@ def prefill_attention_kernel(
 
 
 @triton.jit
+def _split_size(ctx, min_part, num_parts, BLOCK_N: tl.constexpr):
+    """Keys per split of a context of `ctx` keys: as many splits as it has min_part-key pieces,
+    at most num_parts (the grid's), each a multiple of BLOCK_N. Computed from the real length on
+    the device, so a short sequence in a graph captured for long ones still fills the grid."""
+    n_split = tl.minimum(tl.maximum(tl.cdiv(ctx, min_part), 1), num_parts)
+    return tl.cdiv(tl.cdiv(ctx, n_split), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr, bt_ptr, ctx_ptr, qk_scale,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
         stride_bt,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        part_size, num_parts,
+        min_part, num_parts,
         BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         ONE_PART: tl.constexpr, FP32_DOT: tl.constexpr):
     """Grid (B, nkv, num_parts): the G heads of sequence b's one query over keys
-    [part * part_size, +part_size) of its context. ONE_PART: writes the output directly.
-    Otherwise writes the unnormalised fp32 partial to out [B, nh, num_parts, d] (scratch) with
-    its row max m and sum l [B, nh, num_parts] for decode_reduce_kernel; partitions at or past
-    the context write nothing (the reduce reads only cdiv(ctx, part_size) of them).
-    part_size and num_parts are runtime values, so growing block tables do not recompile."""
+    [part * part_size, +part_size) of its context, part_size from its real length
+    (_split_size). ONE_PART: writes the output directly. Otherwise writes the unnormalised fp32
+    partial to out [B, nh, num_parts, d] (scratch) with its row max m and sum l
+    [B, nh, num_parts] for decode_reduce_kernel; partitions at or past the context write
+    nothing. min_part and num_parts are runtime values, so growing block tables do not recompile."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
+    part_size = _split_size(ctx, min_part, num_parts, BLOCK_N)
     kv_start = part * part_size
     if kv_start >= ctx:
         return
@@ -206,27 +216,40 @@ def decode_attention_kernel(
 
 
 @triton.jit
-def decode_reduce_kernel(part_ptr, m_ptr, l_ptr, out_ptr, ctx_ptr, nh, num_parts, part_size,
+def decode_reduce_kernel(part_ptr, m_ptr, l_ptr, out_ptr, ctx_ptr, nh, num_parts, min_part,
                          stride_ot, stride_oh, stride_od,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B, nh): merges the live partials of one (sequence, head) with the same online
-    rescaling as the main loop: out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    """Grid (B, nh): merges the live partials of one (sequence, head), BLOCK_P at a time (a tile
+    of partials per step, not one: SGLang's decode reduce), with the main loop's rescaling:
+    out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    n_live = tl.cdiv(tl.load(ctx_ptr + b), part_size)      # >= 1: every context has a key
+    ctx = tl.load(ctx_ptr + b)
+    n_live = tl.cdiv(ctx, _split_size(ctx, min_part, num_parts, BLOCK_N))   # >= 1
     base = (b.to(tl.int64) * nh + h) * num_parts
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m_run = tl.load(m_ptr + base)
-    l_run = tl.load(l_ptr + base)
-    acc = tl.load(part_ptr + base * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    for p in range(1, n_live):
-        m_p = tl.load(m_ptr + base + p)
-        m_new = tl.maximum(m_run, m_p)
+    offs_p = tl.arange(0, BLOCK_P)
+    ok = offs_p < n_live
+    m_p = tl.load(m_ptr + base + offs_p, mask=ok, other=float("-inf"))
+    m_run = tl.max(m_p, axis=0)
+    w = tl.exp2(m_p - m_run)
+    l_run = tl.sum(w * tl.load(l_ptr + base + offs_p, mask=ok, other=0.0), axis=0)
+    tile = tl.load(part_ptr + (base + offs_p)[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.sum(w[:, None] * tile, axis=0)
+    for p0 in range(BLOCK_P, n_live, BLOCK_P):
+        p = p0 + offs_p
+        ok = p < n_live
+        m_p = tl.load(m_ptr + base + p, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m_p, axis=0))
         a = tl.exp2(m_run - m_new)
         w = tl.exp2(m_p - m_new)
-        l_run = l_run * a + w * tl.load(l_ptr + base + p)
-        acc = acc * a + w * tl.load(part_ptr + (base + p) * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        l_run = l_run * a + tl.sum(w * tl.load(l_ptr + base + p, mask=ok, other=0.0), axis=0)
+        tile = tl.load(part_ptr + (base + p)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * a + tl.sum(w[:, None] * tile, axis=0)
         m_run = m_new
     tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d * stride_od,
              cast_rtne(acc / l_run, out_ptr.dtype.element_ty), mask=d_ok)

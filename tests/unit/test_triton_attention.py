@@ -122,6 +122,31 @@ def test_decode(case, dtype, cfg):
     check_attention(CONFIGS[cfg], *DECODE[case], dtype)
 
 
+def _live_splits(ctx, min_part, num_parts, block_n):
+    """kernels' _split_size in Python: how many partitions a context of ctx keys fills."""
+    n_split = min(max(-(-ctx // min_part), 1), num_parts)
+    size = -(-(-(-ctx // n_split)) // block_n) * block_n
+    return -(-ctx // size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_splits_from_real_lengths_in_a_full_width_table(dtype, monkeypatch):
+    """A decode graph's block table is as wide as the longest context allowed; short and long
+    sequences then split by their own lengths over the fixed grid, and the reduce merges more
+    partials than one tile holds."""
+    from ernie_hal.kernels.triton import attention as attn
+    monkeypatch.setattr(attn, "REDUCE_TILE", 2)
+    cfg = {**CUDA_LIKE, "PARTITION_SIZE": 16, "DECODE_PROGRAMS": 4096}
+    q, k, v, bt, ctx, qsl = paged_batch([1, 1, 1, 1], [3, 40, 200, 17], 4, 2, 16, 8, dtype)
+    wide = torch.zeros(4, 64, dtype=torch.int32)          # capacity 512 keys, as a graph's table
+    wide[:, :bt.shape[1]] = bt
+    out = attn.make_gqa_attention(cfg)(q, k, v, wide, ctx, qsl, 0.25)
+    close(out, ref.gqa_attention(q, k, v, wide, ctx, qsl, 0.25), dtype)
+    num_parts = 512 // 16
+    # the 200-key sequence fills 13 partitions of 16 keys; the 3-key one, one
+    assert [_live_splits(c, 16, num_parts, 16) for c in (3, 40, 200, 17)] == [1, 3, 13, 2]
+
+
 @pytest.mark.parametrize("case", ["ragged", "decode split"])
 def test_bf16_load_store(case):
     shape = (PREFILL["ragged batch incl. a 1-token prompt"] if case == "ragged"
