@@ -10,8 +10,9 @@ w_gate/w_up [E, I, H], w_down [E, H, I] (any strides); shared is None or (g, u, 
 MLP, run with torch GEMMs + the SwiGLU kernel and added inside the combine kernel.
 
 One call: router logits by a torch fp32 GEMM (bit-identical to the reference's on the same
-device, so the selection is the reference's up to softmax rounding at exact near-ties) ->
-router kernel (softmax, biased top-k, unbiased gather, renormalise) -> moe_align_block_size
+device, so the selection is the reference's up to softmax rounding at exact near-ties), or for
+decode-sized T (<= FUSED_ROUTER_MAX_T) inside the router kernel itself (fp32, another summation
+order: a pick can differ from the reference's only at a near-tie) -> router kernel (softmax, biased top-k, unbiased gather, renormalise) -> moe_align_block_size
 (one Triton launch up to 4096 entries, torch sort above) -> gate+up kernel (SwiGLU fused, writes
 h [T*k, I]) -> down kernel (routing weight applied, y [T*k, H]) -> combine kernel (sum over k,
 + shared). Nothing waits for the device (meant for CUDA/HIP graph capture; not yet tried).
@@ -96,22 +97,36 @@ def pick_config(config, T: int) -> dict:
     return _bucket(normalize_config(config), T)
 
 
+FUSED_ROUTER_MAX_T = 16    # up to this many tokens the router GEMM runs inside the router kernel
+
+
 def _launch_route(x, router_weight, correction_bias, top_k, norm_min):
     T, E = x.shape[0], router_weight.shape[0]
+    H = x.shape[1]
     if not 1 <= top_k <= E:
         raise ValueError(f"moe_route: top_k={top_k} must be in [1, E={E}]")
-    logits = F.linear(x.float(), router_weight.float())                 # [T, E] fp32
     weights = torch.empty((T, top_k), dtype=x.dtype, device=x.device)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     if T == 0:
         return weights, ids
-    bias = None if correction_bias is None else correction_bias.reshape(-1).float()
+    fused = T <= FUSED_ROUTER_MAX_T and x.stride(1) == 1 and router_weight.stride(1) == 1
     block_e = max(16, triton.next_power_of_2(E))
-    block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_e))
+    if fused:     # decode: one launch (the fp32 GEMV inside); [BLOCK_T, BLOCK_E, BLOCK_H] fp32 tile
+        logits = None
+        block_t = max(1, min(triton.next_power_of_2(T), 4))
+        block_h = max(16, min(triton.next_power_of_2(H), 8192 // (block_t * block_e)))
+    else:
+        logits = F.linear(x.float(), router_weight.float())             # [T, E] fp32
+        block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_e))
+        block_h = 16
+    bias = None if correction_bias is None else correction_bias.reshape(-1).float()
+    any_f32 = logits if logits is not None else router_weight
     moe_router_kernel[(triton.cdiv(T, block_t),)](
-        logits, bias if bias is not None else logits, weights, ids, T, E, logits.stride(0),
+        any_f32, x, router_weight, bias if bias is not None else any_f32, weights, ids, T, E, H,
+        logits.stride(0) if logits is not None else 0, x.stride(0), router_weight.stride(0),
         float(norm_min), TOP_K=top_k, HAS_BIAS=bias is not None, BLOCK_T=block_t,
-        BLOCK_E=block_e, BLOCK_SLOTS=triton.next_power_of_2(top_k), num_warps=4)
+        BLOCK_E=block_e, BLOCK_SLOTS=triton.next_power_of_2(top_k), FUSED=fused, BLOCK_H=block_h,
+        num_warps=4)
     return weights, ids
 
 

@@ -22,18 +22,36 @@ from .swiglu_kernels import silu_mul
 
 
 @triton.jit
-def moe_router_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, norm_min,
+def moe_router_kernel(logits_ptr, x_ptr, wr_ptr, bias_ptr, w_ptr, ids_ptr, T, E, H, stride_l,
+                      stride_x, stride_wr, norm_min,
                       TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_SLOTS: tl.constexpr, FUSED: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
     """fp32 logits [T, E] -> softmax p; ids = top-k of p + bias (descending, ties to the lower
-    expert); weights = p[ids] / max(sum, norm_min) in w's dtype. BLOCK_T tokens per program."""
+    expert); weights = p[ids] / max(sum, norm_min) in w's dtype. BLOCK_T tokens per program.
+    FUSED: the logits are computed here, x [T, H] (upcast) times the fp32 router [E, H]^T
+    accumulated in fp32 over BLOCK_H columns at a time: one launch instead of a GEMM and this
+    kernel (decode-sized T; prefill keeps the GEMM)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < T
     cmask = cols < E
-    logits = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :],
-                     mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
+    if FUSED:
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        offs_h = tl.arange(0, BLOCK_H)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + offs_h
+            hmask = hh < H
+            xt = tl.load(x_ptr + rows64[:, None] * stride_x + hh[None, :],
+                         mask=rmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)
+            wt = tl.load(wr_ptr + cols.to(tl.int64)[:, None] * stride_wr + hh[None, :],
+                         mask=cmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(xt[:, None, :] * wt[None, :, :], axis=2)     # [BLOCK_T, BLOCK_E]
+        logits = tl.where(cmask[None, :], acc, float("-inf"))
+    else:
+        logits = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :],
+                         mask=rmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
     logits = tl.where(rmask[:, None], logits, 0.0)    # rows past T: finite, never stored
     num = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     probs = num / tl.sum(num, axis=1)[:, None]                    # [BLOCK_T, BLOCK_E]

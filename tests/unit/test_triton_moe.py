@@ -234,9 +234,12 @@ def compile_all(target, opts, dt):
          dict(BLOCK_N=1024)),
         (nk.rms_norm_kernel, f"x_ptr:{p} r_ptr:{p} w_ptr:{p} y_ptr:{p} s_ptr:{p} H stride_x "
          "stride_r stride_y stride_s eps:fp32", dict(HAS_RESIDUAL=True, BLOCK_H=4096)),
-        (mk.moe_router_kernel, f"logits_ptr:*fp32 bias_ptr:*fp32 w_ptr:{p} ids_ptr:*i64 T E "
-         "stride_l norm_min:fp32", dict(TOP_K=6, HAS_BIAS=True, BLOCK_T=64, BLOCK_E=64,
-                                        BLOCK_SLOTS=8)),
+        (mk.moe_router_kernel, f"logits_ptr:*fp32 x_ptr:{p} wr_ptr:*fp32 bias_ptr:*fp32 w_ptr:{p} "
+         "ids_ptr:*i64 T E H stride_l stride_x stride_wr norm_min:fp32",
+         dict(TOP_K=6, HAS_BIAS=True, BLOCK_T=64, BLOCK_E=64, BLOCK_SLOTS=8, FUSED=False, BLOCK_H=16)),
+        (mk.moe_router_kernel, f"logits_ptr:*fp32 x_ptr:{p} wr_ptr:*fp32 bias_ptr:*fp32 w_ptr:{p} "
+         "ids_ptr:*i64 T E H stride_l stride_x stride_wr norm_min:fp32",
+         dict(TOP_K=6, HAS_BIAS=True, BLOCK_T=1, BLOCK_E=64, BLOCK_SLOTS=8, FUSED=True, BLOCK_H=128)),
         (mk.moe_align_kernel, "ids_ptr:*i64 sorted_ids_ptr:*i32 expert_ids_ptr:*i32 "
          "num_post_ptr:*i32 n E num_blocks", dict(BLOCK_M=16, BLOCK_E=64, CHUNK=128, CHUNK_B=16)),
         (mk.moe_gate_up_kernel, f"x_ptr:{p} wg_ptr:{p} wu_ptr:{p} h_ptr:{p} sorted_ids_ptr:*i32 "
@@ -274,7 +277,7 @@ def test_kernels_compile_for_sm90_and_gfx942():
     r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert r.stdout.count(" ok") == 14, r.stdout
+    assert r.stdout.count(" ok") == 16, r.stdout
 
 
 # ---- long prefill: expert GEMMs chunked over tokens into reused intermediates ---------------
