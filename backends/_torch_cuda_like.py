@@ -308,7 +308,8 @@ def make_caps(props: DeviceProps, spec: DeviceSpec | None, *, dtypes: tuple, gra
     smem = props.shared_memory_optin or (spec.shared_memory if spec else 0) or props.shared_memory_per_block
     return Capabilities(dtypes=dtypes, pinned_host_memory=True, async_copy=True, streams=True,
                         graphs=graphs, warp_size=props.warp_size or (spec.warp_size if spec else default_warp),
-                        max_shared_memory=smem, triton=triton, collectives=_collectives())
+                        max_shared_memory=smem, compute_units=props.multi_processor_count, triton=triton,
+                        collectives=_collectives())
 
 
 def make_info(backend: str, index: int, props: DeviceProps, arch: str, spec: DeviceSpec | None) -> DeviceInfo:

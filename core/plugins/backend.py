@@ -43,6 +43,7 @@ class Capabilities:
     graphs: bool = False
     warp_size: int = 1
     max_shared_memory: int = 0
+    compute_units: int = 0        # SMs (NVIDIA) / CUs (AMD); 0 when unknown
     triton: bool = False          # Triton kernels can be launched on this device
     unified_memory: bool = False  # device memory is host memory (cpu, APUs): one budget covers both
     collectives: str = "gloo"     # the torch.distributed backend for this device's tensors ("nccl", ...)

@@ -92,6 +92,17 @@ _DEFAULTS = sorted(DEFAULT_CONFIG.items())
 CHUNK_TOKENS = 8192       # tokens per expert-GEMM chunk (vLLM's VLLM_FUSED_MOE_CHUNK_SIZE idea)
 
 
+def gate_up_shared_memory(cfg: dict, itemsize: int = 2) -> int:
+    """Shared memory (LDS on AMD) one gate+up program holds: num_stages buffers of the A tile and
+    its two B tiles (gate and up). The down kernel holds one B tile, so this bounds both."""
+    return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] + 2 * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * itemsize
+
+
+def decode_programs(cfg: dict, top_k: int, I: int, H: int) -> tuple:
+    """Live programs (gate+up, down) of a one-token step: top_k experts, one M block each."""
+    return top_k * triton.cdiv(I, cfg["BLOCK_N"]), top_k * triton.cdiv(H, cfg["BLOCK_N"])
+
+
 def pick_config(config, T: int) -> dict:
     """The flat config a call with T tokens uses (config as make_moe takes it)."""
     return _bucket(normalize_config(config), T)
