@@ -431,7 +431,7 @@ def run_decode_graphs(backend, preset: str, dtype: torch.dtype, forced: bool = F
     from ..api import load
     from ..model.defaults import random_model_path
     row = dict(backend=backend.name, device=backend.info.name, op="decode_graphs", dtype=dtype_name(dtype),
-               shape=f"{preset}: greedy, batch 1 and 4, 12 tokens")
+               shape=f"{preset}: greedy, batch 1 then 4 (a KV regrow), 12 tokens")
     why = skip_reason(backend, dtype, forced=forced) or (
         "" if backend.caps.graphs else f"{backend.info.name} cannot capture device graphs")
     if why:
@@ -444,9 +444,14 @@ def run_decode_graphs(backend, preset: str, dtype: torch.dtype, forced: bool = F
         want = [c.token_ids for n in (1, 4) for c in eager.generate([list(p) for p in GRAPH_PROMPTS[:n]], **kw)]
     except Exception as e:
         return Result(**row, status="fail", max_error=None, reason=f"{type(e).__name__}: {e}")
-    state = graphed.engine.decode_graphs
+    state, m = graphed.engine.decode_graphs, graphed.engine.graph_metrics()
     if not state.startswith("on"):
         return Result(**row, status="fail", max_error=None, reason=f"decode graphs {state}")
+    # batch 4 needs a bigger KV cache than batch 1: graphs must survive the regrow, every step replayed
+    if m["decode_graph_binds"] < 2 or m["decode_graph_eager_steps"]:
+        return Result(**row, status="fail", max_error=None,
+                      reason=f"after {m['decode_graph_binds'] - 1} KV regrow(s), {m['decode_graph_eager_steps']} "
+                             f"decode steps ran eager; {state}")
     differ = sum(a != b for g, w in zip(got, want) for a, b in zip(g, w))
     return Result(**row, status="pass" if differ == 0 else "fail", max_error=float(differ),
                   reason="" if differ == 0 else f"{differ} greedy tokens differ from the eager run; {state}")

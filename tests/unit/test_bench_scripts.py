@@ -2,6 +2,7 @@
 numbers themselves come from the full-size runs recorded in benchmarks/results/)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,12 +77,15 @@ def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
     script = BENCH.parent / "scripts" / "gpu_checks.sh"
     env = dict(os.environ, QUICK="1", DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
                CKPT=str(tmp_path / "ckpt"))
-    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b",
-                           "parallel"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b", "launches",
+                           "parallel"], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "6 steps, 0 failed" in proc.stdout
+    assert "7 steps, 0 failed" in proc.stdout
+    # the one-GPU run (every default step) fits the 8 minutes a session can give it
+    limits = dict(re.findall(r"run_step ([\w-]+) (\d+) ", script.read_text()))
+    assert len(limits) == 7 and sum(int(v) for k, v in limits.items() if k != "parallel") <= 8 * 60
     out = tmp_path / "out"
     for name in ("devices.json", "conformance_cpu.json", "bench_ops_cpu.json", "bench_e2e_cpu_small.json",
-                 "bench_e2e_cpu_21b.json", "bench_parallel_cpu.json", "plan_300b_tp8_wint8.json"):
+                 "bench_e2e_cpu_21b.json", "launch_counts_cpu.json", "bench_parallel_cpu.json",
+                 "plan_300b_tp8_wint8.json"):
         assert json.loads((out / name).read_text()), name
