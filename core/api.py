@@ -111,6 +111,31 @@ class Model:
         self.eager = eager            # True: no decode graphs, every step launched op by op
         self.engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids if tokenizer else (),
                              graphs=not eager, prefix_caching=prefix_caching)
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The grammar compiler of this model (its vocabulary handed to xgrammar once, on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path} has no tokenizer; structured output needs one")
+            from .runtime.grammar import Grammars
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.engine.stop_token_ids)
+        return self._grammars
+
+    def grammar_spec(self, json_schema=None, grammar=None):
+        """The GrammarSpec of a generate call: a JSON Schema (dict, JSON text or a pydantic model
+        class) or a GrammarSpec; None for free text. GrammarError when it does not compile."""
+        if json_schema is not None and grammar is not None:
+            raise ValueError("give json_schema or grammar, not both")
+        from .runtime.grammar import GrammarSpec
+        if json_schema is not None:
+            if hasattr(json_schema, "model_json_schema"):
+                json_schema = json_schema.model_json_schema()
+            grammar = GrammarSpec.json_schema(json_schema)
+        if grammar is not None:
+            self.grammars.compile(grammar)      # fail here, before any forward
+        return grammar
 
     @property
     def kernels(self) -> dict:
@@ -132,7 +157,7 @@ class Model:
                  top_k: int = 0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
                  ignore_eos: bool = False, on_token=None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None):
+                 prompt_logprobs: int | None = None, json_schema=None, grammar=None):
         """Text, token ids, or (with chat=True) a conversation as a list of {"role", "content"}
         messages in; Completion(s) out: one for a single prompt, a list for a list of them.
         temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced.
@@ -140,7 +165,10 @@ class Model:
         Face's, on prompt and generated tokens); they apply to greedy decoding too. `logprobs=k`
         adds each token's log-probability under the model (before penalties and temperature) and
         its k most likely alternatives; `prompt_logprobs=k` the same for the prompt's tokens (each
-        scored by the positions before it: what evaluation harnesses call loglikelihood)."""
+        scored by the positions before it: what evaluation harnesses call loglikelihood).
+        `json_schema` (a dict, JSON text or pydantic model class) or `grammar` (a GrammarSpec of
+        core/runtime/grammar.py) constrains every output to it; finish_reason "length" means it
+        was cut before the structure closed."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and (
             all(isinstance(t, int) for t in prompts) or all(isinstance(m, dict) for m in prompts)))
         batch = [prompts] if single else list(prompts)
@@ -150,7 +178,9 @@ class Model:
                                 ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-        seqs, times = self.engine.generate(ids, params, on_token=on_token)
+        spec = self.grammar_spec(json_schema, grammar)
+        seqs, times = self.engine.generate(ids, params, on_token=on_token,
+                                           grammar=None if spec is None else lambda: self.grammars.state(spec))
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),
                        decode_graphs=self.engine.decode_graphs,

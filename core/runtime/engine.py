@@ -19,6 +19,7 @@ from .decode_graphs import DecodeGraphs, graphs_unavailable
 from .kvcache import KVCache
 from .step_inputs import PinnedUploader
 from .executor import ErnieModel
+from .grammar import mask_logits
 from .sampling import SamplingParams, make_generator, sample_batch, token_logprobs
 
 
@@ -37,6 +38,7 @@ class Sequence:
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)   # per output token, when params.logprobs is set
     prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.. (params.prompt_logprobs)
+    grammar: object | None = None         # a GrammarState (core/runtime/grammar.py): constrained output
 
     @property
     def all_ids(self) -> list:
@@ -194,10 +196,15 @@ class Engine:
                 kv.commit(s.seq_id, s.all_ids)
         if logits is not None:        # sampled where the logits are: only the ids come back
             rows = [taken[i] for i in ready]
-            tokens, lps = sample_batch(logits, [s.params for s in rows], [s.generator for s in rows],
-                                       [s.prompt_ids for s in rows], [s.output_ids for s in rows],
-                                       [s.params.logprobs for s in rows])
-            for s, token, lp in zip(rows, tokens, lps):
+            # the grammar step: forbidden tokens at -inf on the device; logprobs stay the model's
+            masked = mask_logits(logits, [s.grammar for s in rows])
+            tokens, lps = sample_batch(logits if masked is None else masked, [s.params for s in rows],
+                                       [s.generator for s in rows], [s.prompt_ids for s in rows],
+                                       [s.output_ids for s in rows],
+                                       [s.params.logprobs if s.grammar is None else None for s in rows])
+            for r, (s, token, lp) in enumerate(zip(rows, tokens, lps)):
+                if s.grammar is not None and s.params.logprobs is not None:
+                    lp = token_logprobs(logits[r], token, s.params.logprobs)
                 if lp is not None:
                     s.logprobs.append(lp)
                 s.output_ids.append(token)
@@ -239,16 +246,24 @@ class Engine:
 
     def _check_finished(self, s: Sequence, token: int) -> None:
         stops = s.params.stop_token_ids or self.stop_token_ids
+        if s.grammar is not None:
+            s.grammar.accept(token)
+            if s.grammar.finished():       # the structure is complete: it ends here, ignore_eos or not
+                s.finish_reason = "stop"
+                return
         if token in stops and not s.params.ignore_eos:
             s.finish_reason = "stop"
         elif len(s.output_ids) >= s.params.max_new_tokens or len(s.all_ids) >= self.max_model_len:
             s.finish_reason = "length"
 
     # ---- a fixed batch ----------------------------------------------------------------------
-    def generate(self, prompts: list, params: SamplingParams, on_token=None) -> tuple:
+    def generate(self, prompts: list, params: SamplingParams, on_token=None, grammar=None) -> tuple:
         """Generate for every prompt (lists of ids). `on_token(index, token_id)` streams.
+        `grammar()`, when given, makes each sequence's GrammarState (constrained output).
         Returns (sequences, StepTimes)."""
         seqs = [self.new_sequence(p, params, seed_offset=i) for i, p in enumerate(prompts)]
+        for s in seqs if grammar is not None else ():
+            s.grammar = grammar()
         need = sum(self.blocks_for(len(s.prompt_ids) + params.max_new_tokens) for s in seqs)
         kv = self.ensure_kv(need)
         index = {s.seq_id: i for i, s in enumerate(seqs)}
