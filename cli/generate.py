@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, on generated tokens (0 = off)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to the JSON Schema in FILE (grammar-constrained decoding)")
     add_load_flags(g)
     g.add_argument("--show-plan", action="store_true",
                    help="print where every weight lives (device, pinned host, streamed) before generating")
@@ -48,8 +50,21 @@ def _progress_bar(enabled: bool):
     return update, lambda: bar["b"].close() if "b" in bar else None
 
 
+def _read_schema(path):
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: cannot be read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: not valid JSON ({e}); give a JSON Schema file") from None
+
+
 def run(args) -> int:
     from ..core.api import load
+    schema = _read_schema(args.json_schema)        # before the load: a bad file fails fast
     update, close = _progress_bar(sys.stderr.isatty() or not args.json)
     try:
         model = load(args.model, progress=update, **load_kwargs(args))
@@ -76,7 +91,7 @@ def run(args) -> int:
     out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                         frequency_penalty=args.frequency_penalty,
+                         frequency_penalty=args.frequency_penalty, json_schema=schema,
                          on_token=on_token)
     m = out[0].metrics
     if args.json:

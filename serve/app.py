@@ -30,6 +30,7 @@ from .security import Access, AccessMiddleware
 from .shutdown import Draining
 from .workers import off_loop, tokens_json
 from . import logprobs as lpfmt
+from .structured import chat_plan, prepare, requested_grammar
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        chat_messages, check_common, completion_prompts, logprobs_count, parse, stop_strings)
 
@@ -243,20 +244,22 @@ def create_app(server: Server) -> FastAPI:
         try:
             req = await server.read(request, ChatCompletionRequest)
             check_common(req)
-            ids = await off_loop(server.chat_ids, req)
+            plan = await chat_plan(server, req)     # tools, response_format, guided_* (serve/structured.py)
+            ids = plan.ids
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = server.sampling(req, max_tokens, len(ids), None, "messages")
-            handle = server.submit([Job(ids, params, req.n, tuple(stop_strings(req.stop)))], "messages")
+            handle = server.submit([Job(ids, params, req.n, tuple(stop_strings(req.stop)), plan.grammar)],
+                                   "messages")
         except APIError as e:
             return error(e)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if req.stream:
             metrics.http_request(200)
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(handle, meta, req.n, len(ids), usage, req.return_token_ids,
-                                     server.tokenizer), handle)
-        return await _answer(request, handle, lambda outs: _chat_body(meta, outs, len(ids), req.return_token_ids,
-                                                                     server.tokenizer), metrics)
+            return _sse(plan.stream(_chat_stream(handle, meta, req.n, len(ids), usage, req.return_token_ids,
+                                                 server.tokenizer)), handle)
+        return await _answer(request, handle, lambda outs: plan.body(_chat_body(
+            meta, outs, len(ids), req.return_token_ids, server.tokenizer)), metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -266,8 +269,9 @@ def create_app(server: Server) -> FastAPI:
             check_request_seqs(server.limits, len(completion_prompts(req)), req.n, "prompt")
             prompts = await off_loop(server.completion_ids, req)
             stop = tuple(stop_strings(req.stop))
+            grammar = await prepare(server.model, *requested_grammar(req))   # serve/structured.py
             jobs = [Job(ids, server.sampling(req, req.max_tokens, len(ids), COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
-                                             echo=req.echo), req.n, stop) for ids in prompts]
+                                             echo=req.echo), req.n, stop, grammar) for ids in prompts]
             # echo: the prompt as given (text, or the decoding of its ids) before each completion
             echoed = [p if isinstance(p, str) else server.tokenizer.decode(p) if server.tokenizer else ""
                       for p in completion_prompts(req)] if req.echo else None

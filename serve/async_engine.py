@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 from ..core.runtime.engine import Engine
 from ..core.runtime.sampling import SamplingParams
@@ -25,6 +26,7 @@ class Job:
     params: SamplingParams
     n: int = 1
     stop: tuple = ()
+    grammar: Callable | None = None     # makes each choice's GrammarState (structured output)
 
 
 class Handle:
@@ -98,6 +100,8 @@ class AsyncEngine:
         offset = 0
         for k, job in enumerate(jobs):
             seqs = [self.engine.new_sequence(job.prompt_ids, job.params, seed_offset=i) for i in range(job.n)]
+            for s in seqs if job.grammar is not None else ():
+                s.grammar = job.grammar()
             detoks = [TextStream(self.tokenizer, job.stop) for _ in range(job.n)]
             handle.requests.append(Request(f"{handle.id}-{k}", seqs, on_output=partial(handle._post, offset),
                                            detokenizers=detoks))

@@ -60,18 +60,28 @@ class _Common(_Strict):
     repetition_penalty: float | None = None   # vLLM's extension (Hugging Face's penalty)
     logit_bias: dict | None = None
     return_token_ids: bool = False        # vLLM's extension: token ids beside the text
+    # structured output, OpenAI's and vLLM's spellings (checked in serve/structured.py)
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 class ChatMessage(_Strict):
     role: str
     content: Any = None
     name: str | None = None
+    tool_calls: Any = None                # an assistant turn's calls; `tool_call_id` on a "tool" turn
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     top_logprobs: int | None = None
+    tools: Any = None                     # checked in serve/tools.py
+    tool_choice: Any = None
 
 
 class TokenizeRequest(_Strict):

@@ -103,17 +103,19 @@ class Grammars:
         tokens, vocab_type, prefix_space = vocabulary(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.stop_token_ids = [int(t) for t in stop_token_ids]
-        text = xgr.TokenizerInfo(tokens, getattr(xgr.VocabType, vocab_type), vocab_size=vocab_size,
-                                 stop_token_ids=self.stop_token_ids, add_prefix_space=prefix_space)
-        # JSON output is compact, so a control character can only be a raw one inside a string,
-        # which JSON forbids (and xgrammar's length-bounded strings let through): JSON grammars
-        # match over the vocabulary without the tokens that hold one
-        decoded = text.decoded_vocab
-        clean = [b"" if any(c < 0x20 for c in t) else t for t in decoded]
-        json_info = xgr.TokenizerInfo(clean, xgr.VocabType.RAW, vocab_size=vocab_size,
-                                      stop_token_ids=self.stop_token_ids, add_prefix_space=prefix_space)
+        pieces = xgr.TokenizerInfo(tokens, getattr(xgr.VocabType, vocab_type), vocab_size=vocab_size,
+                                   stop_token_ids=self.stop_token_ids).decoded_vocab
+        # xgrammar lets UTF-8-encoded surrogates (ED A0..BF ..) through, which decode to U+FFFD:
+        # a token that could start one is left out. JSON output is compact, so a control
+        # character could only be a raw one inside a string, which JSON forbids (and xgrammar's
+        # length-bounded strings let through): JSON grammars also leave out tokens holding one.
+        text = [b"" if _may_start_surrogate(t) else t for t in pieces]
+        clean = [b"" if any(c < 0x20 for c in t) else t for t in text]
+        text_info, json_info = (xgr.TokenizerInfo(v, xgr.VocabType.RAW, vocab_size=vocab_size,
+                                                  stop_token_ids=self.stop_token_ids, add_prefix_space=prefix_space)
+                                for v in (text, clean))
         # xgrammar's own caches are unbounded by default; ours is bounded by count instead
-        self._text = xgr.GrammarCompiler(text, max_threads=max_threads, cache_enabled=False)
+        self._text = xgr.GrammarCompiler(text_info, max_threads=max_threads, cache_enabled=False)
         self._json = xgr.GrammarCompiler(json_info, max_threads=max_threads, cache_enabled=False)
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()           # handlers compile while the engine thread matches
@@ -241,6 +243,11 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple:
         meta = xgr.TokenizerInfo._detect_metadata_from_hf(fast.to_str())
         return _fit(tokens, vocab_size), meta["vocab_type"].name, bool(meta["add_prefix_space"])
     raise GrammarError(f"structured output needs one of ernie-hal's tokenizers, got {type(tokenizer).__name__}")
+
+
+def _may_start_surrogate(piece: bytes) -> bool:
+    """The piece holds ED A0..BF (a UTF-8-encoded surrogate) or ends in ED (the next could add one)."""
+    return any(b == 0xED and (i + 1 == len(piece) or piece[i + 1] >= 0xA0) for i, b in enumerate(piece))
 
 
 def _fit(tokens: list, vocab_size: int) -> list:
