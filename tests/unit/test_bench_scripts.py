@@ -89,3 +89,14 @@ def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
                  "bench_e2e_cpu_21b.json", "launch_counts_cpu.json", "bench_parallel_cpu.json",
                  "plan_300b_tp8_wint8.json"):
         assert json.loads((out / name).read_text()), name
+
+
+def test_bench_structured_writes_its_json(tmp_path):
+    out = tmp_path / "structured.json"
+    proc = run("bench_structured.py", "--device", "cpu", "--tokens", "12", "--batches", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    row = data["decode"][0]
+    assert row["batch"] == 2 and row["json_schema"]["tokens_per_sequence"] == [12]
+    assert row["json_schema"]["finish_reasons"] == ["stop"] and row["free"]["tokens_per_sequence"] == [12]
+    assert data["medium_schema_compile_seconds"] > data["medium_schema_cached_seconds"] >= 0
