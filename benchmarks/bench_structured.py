@@ -66,17 +66,31 @@ def decode_rate(model, batch: int, tokens: int, schema) -> dict:
             "finish_reasons": sorted({o.finish_reason for o in out})}
 
 
-def mask_cost(model, batch: int, steps: int = 50) -> float:
-    """Seconds per step of mask_logits for `batch` constrained rows (fill + unpack + apply)."""
-    import torch
-    from ernie_hal.core.runtime.grammar import GrammarSpec, mask_logits
-    spec = GrammarSpec.json_schema(MEDIUM_SCHEMA)
-    states = [model.grammars.state(spec) for _ in range(batch)]
-    logits = torch.randn(batch, model.config.vocab_size)
-    start = time.perf_counter()
-    for _ in range(steps):
-        mask_logits(logits, states)
-    return (time.perf_counter() - start) / steps
+class MaskTimer:
+    """Times the engine's grammar step (core/runtime/grammar.mask_logits) during real decodes."""
+
+    def __init__(self):
+        from ernie_hal.core.runtime import engine
+        self.engine, self.inner = engine, engine.mask_logits
+        self.seconds, self.calls = 0.0, 0
+
+    def __enter__(self):
+        def timed(logits, states):
+            start = time.perf_counter()
+            out = self.inner(logits, states)
+            if out is not None:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+            return out
+        self.engine.mask_logits = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.mask_logits = self.inner
+
+    @property
+    def per_step(self) -> float:
+        return self.seconds / self.calls if self.calls else 0.0
 
 
 def main() -> int:
@@ -112,9 +126,10 @@ def main() -> int:
     rows = []
     for batch in args.batches:
         free = decode_rate(model, batch, args.tokens, None)
-        constrained = decode_rate(model, batch, args.tokens, schema)
+        with MaskTimer() as timer:
+            constrained = decode_rate(model, batch, args.tokens, schema)
         rows.append({"batch": batch, "free": free, "json_schema": constrained,
-                     "mask_seconds_per_step": round(mask_cost(model, batch), 6),
+                     "mask_seconds_per_step": round(timer.per_step, 6),
                      "slowdown": round(free["decode_tokens_per_s"] / constrained["decode_tokens_per_s"], 3)
                      if constrained["decode_tokens_per_s"] else None})
         print(f"batch {batch:>3}: decode {free['decode_tokens_per_s']:8.1f} tok/s free, "

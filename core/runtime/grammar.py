@@ -32,6 +32,7 @@ UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "depend
                        "uniqueItems", "contains", "minContains", "maxContains", "unevaluatedItems")
 KINDS = ("json_schema", "json_object", "regex", "choice", "ebnf")
 CACHE_SIZE = 256
+PARALLEL_FILL_ROWS = 8        # from this many constrained rows on, masks are filled on xgrammar's threads
 
 
 class GrammarError(ValueError):
@@ -198,7 +199,11 @@ def mask_logits(logits: torch.Tensor, states: list) -> torch.Tensor | None:
     grammars = states[rows[0]].grammars
     xgr = grammars._xgr
     bitmask = xgr.allocate_token_bitmask(len(rows), grammars.vocab_size)
-    grammars.batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], bitmask)
+    if len(rows) < PARALLEL_FILL_ROWS:      # a thread pool costs more than it saves on few rows
+        for i, r in enumerate(rows):
+            states[r].matcher.fill_next_token_bitmask(bitmask, i)
+    else:
+        grammars.batch.batch_fill_next_token_bitmask([states[r].matcher for r in rows], bitmask)
     width = logits.shape[-1]
     allowed = torch.ones(logits.shape, dtype=torch.bool)
     allowed[rows] = _unpack(bitmask, width)
