@@ -247,7 +247,9 @@ class Engine:
     def _check_finished(self, s: Sequence, token: int) -> None:
         stops = s.params.stop_token_ids or self.stop_token_ids
         if s.grammar is not None:
-            s.grammar.accept(token)
+            if not s.grammar.accept(token):    # the grammar allowed no token: cut, as max_tokens would
+                s.finish_reason = "length"
+                return
             if s.grammar.finished():       # the structure is complete: it ends here, ignore_eos or not
                 s.finish_reason = "stop"
                 return

@@ -170,10 +170,11 @@ class GrammarState:
     def __init__(self, grammars: Grammars, matcher):
         self.grammars, self.matcher = grammars, matcher
 
-    def accept(self, token: int) -> None:
-        # the token was sampled under this matcher's own mask, so it is always accepted
-        if not self.matcher.accept_token(int(token)):
-            raise RuntimeError(f"token {token} was sampled outside its grammar")
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token. False only when the mask allowed nothing (a grammar that
+        needs text no token of the vocabulary can write): the sampler then fell back to a
+        forbidden token, and the sequence must end there."""
+        return bool(self.matcher.accept_token(int(token)))
 
     def finished(self) -> bool:
         """True once the grammar is over: a stop token was accepted, or the text is complete and

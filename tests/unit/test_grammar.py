@@ -210,3 +210,10 @@ def test_cli_generate_json_schema(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"type": "strin"}')
     assert main(["generate", "hi", "--json-schema", str(tmp_path / "bad.json"), "--device", "cpu"]) == 2
     assert "Unsupported type" in capsys.readouterr().err
+
+
+def test_a_grammar_no_token_can_continue_ends_its_sequence_as_cut(model):
+    # JSON vocabularies hold no control characters, so a pattern that needs a raw newline dead-ends
+    spec = GrammarSpec.json_schema({"type": "string", "pattern": "^a\n$"})
+    out = model.generate("x", max_new_tokens=10, temperature=0, grammar=spec)
+    assert (out.finish_reason, out.text) == ("length", '"a')
