@@ -93,7 +93,8 @@ def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
 
 def test_bench_structured_writes_its_json(tmp_path):
     out = tmp_path / "structured.json"
-    proc = run("bench_structured.py", "--device", "cpu", "--tokens", "12", "--batches", "2", "--out", out)
+    proc = run("bench_structured.py", "--device", "cpu", "--tokens", "12", "--batches", "2", "--rounds", "1",
+               "--out", out)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     row = data["decode"][0]
