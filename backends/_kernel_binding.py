@@ -52,6 +52,11 @@ TORCH_OPS = {
     "embedding": "a row gather (F.embedding), memory-bound; no kernel of ours would beat it",
     "linear": "F.linear runs on the vendor BLAS (cuBLAS / hipBLASLt / CoreX BLAS)",
     "kv_cache_write": "index_copy_ into the paged cache; the hot path uses the fused rope_kv_write",
+    # packed weights stay in the reference layout: the Triton kernels read data/scales directly
+    "prepare_weight.wint8": "the Triton kernels read the packed int8 layout as it is",
+    "prepare_weight.wint4": "the Triton kernels read the packed int4 layout as it is",
+    "embedding.wint8": "a gather of the rows read, dequantized (memory-bound)",
+    "embedding.wint4": "a gather of the rows read, dequantized (memory-bound)",
 }
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,8 +94,17 @@ _REFERENCE = __name__.rsplit(".", 2)[0] + ".kernels.reference"   # "ernie_hal.ke
 
 
 def reference_op(op: str) -> Callable:
-    from ..kernels.reference import OPS
-    return OPS[op]
+    from ..kernels.reference import OPS, OPS_QUANT
+    base, _, scheme = op.partition(".")
+    return (OPS_QUANT if scheme else OPS)[base]
+
+
+def op_key(op: str, spec) -> str:
+    """The name an op is bound and configured under: "linear", or "linear.wint4" when the model's
+    weights are packed (the kernel then takes PackedWeights, core/quant/format.py)."""
+    from ..core.plugins.kernel_table import WEIGHT_OPS
+    scheme = spec.get("quantization")
+    return f"{op}.{scheme}" if scheme and op in WEIGHT_OPS else op
 
 
 # ---- config files ----------------------------------------------------------------------------
@@ -161,10 +175,10 @@ class KernelBinder:
 
     # -- the hooks' answers
     def kernel(self, backend, op: str, spec) -> Callable | None:
-        return self.choice(backend, op, spec.dtype).fn
+        return self.choice(backend, op_key(op, spec), spec.dtype).fn
 
     def explain(self, backend, op: str, spec) -> str | None:
-        c = self.choice(backend, op, spec.dtype)
+        c = self.choice(backend, op_key(op, spec), spec.dtype)
         return None if c.fn is not None else f"{self.backend_name}: {c.reason}"
 
     def choice(self, backend, op: str, dtype: torch.dtype) -> Choice:
@@ -176,7 +190,8 @@ class KernelBinder:
 
     def _bind(self, backend, op: str, dtype: torch.dtype) -> Choice:
         if op not in TRITON_OPS and op not in TORCH_OPS:
-            return Choice(None, "", f"no {self.backend_name} kernel for op {op!r}")
+            return Choice(None, "", f"no {self.backend_name} kernel for op {op!r}"
+                                    + (" (weights packed)" if "." in op else ""))
         cfg = self.configs(backend)
         entry = dict(cfg["ops"].get(op, {}))
         if "config_from" in entry and "config" not in entry:   # e.g. moe_experts tiles = moe's

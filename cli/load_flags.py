@@ -18,6 +18,11 @@ def add_load_flags(p) -> None:
                         "or the ranks torchrun started")
     p.add_argument("--expert-parallel", action="store_true",
                    help="with --tp: give each rank whole routed experts instead of a slice of every expert")
+    p.add_argument("--quantization", default=None, choices=["none", "wint8", "wint4"],
+                   help="weight-only quantization at load: wint8 (per channel by default) or wint4 (groups of "
+                        "128); default: as the checkpoint is (a checkpoint from `ernie-hal quantize` loads packed)")
+    p.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="quantization group along the input dimension: -1 per channel, or a power of two >= 32")
     p.add_argument("--eager", action="store_true",
                    help="launch every decode step op by op instead of replaying captured device graphs")
 
@@ -26,4 +31,5 @@ def load_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, allow_fallback=not args.no_fallback,
                 max_device_memory=args.max_device_memory, max_host_memory=args.max_host_memory,
                 offload=args.offload, expert_cache=args.expert_cache, eager=args.eager,
-                tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
+                tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
+                quantization=args.quantization, group_size=args.group_size)

@@ -20,6 +20,7 @@ from .memory.placement import plan as plan_placement
 from .plugins.registry import get_registry
 from .runtime.sampling import SamplingParams
 from .model.checkpoint_reader import Checkpoint
+from .quant import checkpoint as qckpt
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -237,7 +238,8 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
          allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
          offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
          expert_stats: dict | None = None, eager: bool = False, prefix_caching: bool = False,
-         tensor_parallel_size: int = 1, expert_parallel: bool = False) -> Model:
+         tensor_parallel_size: int = 1, expert_parallel: bool = False,
+         quantization: str | None = None, group_size: int | None = None) -> Model:
     """Load a -PT checkpoint directory, a preset name (random weights), or None (the embedded
     default). `device` is a request ("auto", "rocm:1", ...) or a Backend object already built
     (pick_device's answer, or an emulated one). `progress(done_bytes, total_bytes)` is called
@@ -258,7 +260,13 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     `tensor_parallel_size=N` splits the model over N ranks (core/parallel): this process is rank 0
     and starts N - 1 worker processes (device i for rank i; on cpu N processes), or, under torchrun,
     joins the group torchrun started (ranks > 0 then follow rank 0's steps and exit when it does).
-    `expert_parallel=True` gives each rank whole routed experts instead of a slice of every one."""
+    `expert_parallel=True` gives each rank whole routed experts instead of a slice of every one.
+
+    Weight-only quantization: `quantization` "wint8" | "wint4" quantizes every 2-D projection and
+    the embedding at load, tensor by tensor (`group_size` -1 per channel, or a power of two >= 32
+    along the input; defaults wint8 -1, wint4 128); "none" keeps them as they are; None takes
+    what the checkpoint is (a quantized checkpoint from `ernie-hal quantize` loads as written,
+    asking it for another scheme is a QuantError)."""
     from .parallel.group import torchrun_env
     env = torchrun_env()
     if env is not None and env["world_size"] > 1:
@@ -267,6 +275,10 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
             raise ParallelError(f"tensor_parallel_size {tensor_parallel_size} but torchrun started "
                                 f"{env['world_size']} ranks (WORLD_SIZE); make them equal")
         tensor_parallel_size = env["world_size"]
+    if tensor_parallel_size != 1 and quantization not in (None, "none"):
+        from .quant import QuantError
+        raise QuantError("--quantization with --tensor-parallel-size is not supported yet: load the quantized "
+                         "model on one rank, or split the unquantized model")
     if tensor_parallel_size != 1:
         return _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tensor_parallel_size,
                               expert_parallel, env, prefix_caching,
@@ -282,9 +294,12 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     ckpt = Checkpoint.open(path)
     config = ckpt.config
     dtype = resolve_dtype(dtype, backend, config)
-    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
-    ckpt.validate(graph.expected_tensors())
-    kernels = get_registry().kernel_table(backend, OpSpec.for_model(config, dtype, allow_fallback))
+    stored = qckpt.stored_spec(config)
+    quant = qckpt.choose(stored, quantization, group_size, path)
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight", quant=quant)
+    ckpt.validate(qckpt.expected_tensors(graph) if stored is not None else graph.expected_tensors())
+    kernels = get_registry().kernel_table(backend, OpSpec.for_model(config, dtype, allow_fallback, quant))
+    prepare = getattr(kernels, "prepare_weight", None) if quant is not None else None
     plan = plan_placement(graph, backend, device_budget, host_budget, offload, dtype, expert_stats=expert_stats)
     budgets = device_budget is not None or host_budget is not None
     if budgets:
@@ -302,8 +317,12 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
             progress(done[0], total)
 
     if plan.fully_resident and not budgets:
-        weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick)
+        weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick, prepare=prepare,
+                                  stored_quant=stored is not None)
     else:
+        if quant is not None:
+            from .memory.offload import check_quantized
+            check_quantized(graph, stored is not None)
         from .memory.offload import OffloadedWeights
         weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
                                    cache_policy=expert_cache)

@@ -12,5 +12,5 @@ from ...core.plugins.hookspecs import hookimpl
 def ernie_hal_get_kernel(backend, op, spec):
     if not spec.allow_fallback:
         return None
-    from ...kernels.reference import OPS
-    return OPS.get(op)
+    from ...kernels.reference import ops_for
+    return ops_for(spec).get(op)

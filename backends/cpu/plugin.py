@@ -29,6 +29,11 @@ def _fast_ops() -> dict:
 def ernie_hal_get_kernel(backend, op, spec):
     if backend.name != "cpu":
         return None
+    if spec.get("quantization"):
+        # weight-only quantized weights: torch's int8/int4 weight-pack GEMMs (quant_kernels.py)
+        from ...kernels.reference import OPS_QUANT
+        from .quant_kernels import OPS as QUANT
+        return QUANT.get(op) or OPS_QUANT.get(op)
     fast = _fast_ops().get(op)
     if fast is not None:
         return fast

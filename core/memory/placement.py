@@ -53,8 +53,9 @@ def parse_budget(value, flag: str) -> int | None:
 
 
 def device_nbytes(ref: WeightRef, dtype: torch.dtype) -> int:
-    """Bytes of `ref` on the device: routers stay fp32, everything else in the model dtype."""
-    return ref.numel * (4 if ref.role == "router" else dtype.itemsize)
+    """Bytes of `ref` on the device: routers stay fp32, quantized weights count their packed
+    integers and fp32 scales, everything else the model dtype."""
+    return ref.stored_nbytes(dtype)
 
 
 def aligned(n: int) -> int:

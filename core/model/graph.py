@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ..quant.scheme import QuantSpec, is_quantized_role
 from .config import ModelConfig
 
 
@@ -23,14 +24,31 @@ class WeightRef:
     role: str                 # embed, norm, attn, mlp, router, expert, shared_expert, head
     layer: int | None = None
     expert: int | None = None
+    quant: QuantSpec | None = None   # packed weight-only (core/quant) in memory; None: a plain tensor
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def nbytes(self) -> int:
+    def source_nbytes(self) -> int:
+        """Bytes of the tensor as the (unquantized) checkpoint stores it."""
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in its storage format: packed integers plus fp32 scales when quantized."""
+        return self.quant.packed_nbytes(self.shape) if self.quant else self.source_nbytes
+
+    def stored_nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes held in memory when plain tensors are kept in `dtype` (routers stay fp32)."""
+        if self.quant:
+            return self.quant.packed_nbytes(self.shape)
+        return self.numel * (4 if self.role == "router" else dtype.itemsize)
+
+    @property
+    def storage(self) -> str:
+        return self.quant.scheme if self.quant else str(self.dtype).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class ModelGraph:
     blocks: tuple
     final_norm: WeightRef
     head: WeightRef                # the embedding itself when tied
+    quant: QuantSpec | None = None # weight-only scheme of the 2-D projections and the embedding
 
     @property
     def tied(self) -> bool:
@@ -108,15 +127,19 @@ class ModelGraph:
 
 
 def build(config: ModelConfig, untied_head: bool | None = None,
-          dtype: torch.dtype | None = None) -> ModelGraph:
+          dtype: torch.dtype | None = None, quant: QuantSpec | None = None) -> ModelGraph:
     """The graph of `config`. `untied_head`: the checkpoint has lm_head.weight and the config
-    says untied (docs/model.md lm_head rule); None means trust tie_word_embeddings."""
+    says untied (docs/model.md lm_head rule); None means trust tie_word_embeddings. `quant`:
+    every 2-D projection and the embedding are packed (QuantError when a shape cannot be)."""
     c = config
     dt = dtype or getattr(torch, c.dtype)
     H, d = c.hidden_size, c.head_dim
 
     def w(name, shape, role, layer=None, expert=None, wdtype=None):
-        return WeightRef(name, tuple(shape), wdtype or dt, role, layer, expert)
+        q = quant if quant is not None and is_quantized_role(role) else None
+        if q is not None:
+            q.check(name, tuple(shape))
+        return WeightRef(name, tuple(shape), wdtype or dt, role, layer, expert, q)
 
     def mlp(prefix, width, role, layer, expert=None):
         return MLPWeights(gate=w(f"{prefix}.gate_proj.weight", (width, H), role, layer, expert),
@@ -153,4 +176,4 @@ def build(config: ModelConfig, untied_head: bool | None = None,
     untied = (not c.tie_word_embeddings) if untied_head is None else untied_head
     head = w("lm_head.weight", (c.vocab_size, H), "head") if untied else embed
     return ModelGraph(config=c, embed=embed, blocks=tuple(blocks),
-                      final_norm=w("model.norm.weight", (H,), "norm"), head=head)
+                      final_norm=w("model.norm.weight", (H,), "norm"), head=head, quant=quant)

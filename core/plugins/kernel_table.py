@@ -13,6 +13,11 @@ import torch
 # Every op a backend provides (ARCHITECTURE.md "Ops every backend provides").
 OPS = ("embedding", "linear", "rms_norm", "add_rms_norm", "rope", "kv_cache_write",
        "rope_kv_write", "gqa_attention", "swiglu_mlp", "moe_route", "moe_experts", "moe")
+# Bound too when weights are quantized: prepare_weight(packed) -> the layout the backend's
+# linear / swiglu_mlp / moe / embedding read, called once per weight at load.
+QUANT_OPS = ("prepare_weight",)
+# Ops whose weights arrive packed in a quantized model.
+WEIGHT_OPS = ("embedding", "linear", "swiglu_mlp", "moe_experts", "moe", "prepare_weight")
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,13 @@ class OpSpec:
         return dict(self.facts).get(key, default)
 
     @classmethod
-    def for_model(cls, config, dtype, allow_fallback=True) -> "OpSpec":
+    def for_model(cls, config, dtype, allow_fallback=True, quant=None) -> "OpSpec":
+        """`quant`: a QuantSpec (core/quant) when the weights are packed."""
         facts = dict(hidden_size=config.hidden_size, head_dim=config.head_dim,
                      num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                      num_experts=config.moe_num_experts, top_k=config.moe_k)
+        if quant is not None:
+            facts.update(quantization=quant.scheme, group_size=quant.group_size)
         return cls(dtype=dtype, facts=tuple(sorted(facts.items())), allow_fallback=allow_fallback)
 
 
@@ -60,14 +68,19 @@ def implementation_label(fn) -> str:
 def resolve(hook, backend, spec: OpSpec, explain=None) -> KernelTable:
     """Ask the firstresult hook once per op; raise with every plugin's reasons if unbound."""
     table = KernelTable()
-    for op in OPS:
+    for op in OPS + (QUANT_OPS if spec.get("quantization") else ()):
         fn = hook(backend=backend, op=op, spec=spec)
         if fn is None:
             reasons = [r for r in (explain(backend=backend, op=op, spec=spec) if explain else []) if r]
             why = "; ".join(reasons) or "no plugin provides it"
             raise KernelNotAvailable(
-                f"op {op!r} has no kernel on {backend.info.label} for {spec.dtype}: {why}. "
+                f"op {op!r} has no kernel on {backend.info.label} for {spec.dtype}{_quant_label(spec)}: {why}. "
                 f"Allow fallback to the reference kernels (--allow-fallback) or pick another device.")
         table.ops[op] = fn
         table.sources[op] = implementation_label(fn)
     return table
+
+
+def _quant_label(spec: OpSpec) -> str:
+    q = spec.get("quantization")
+    return f" with {q} weights (group size {spec.get('group_size')})" if q else ""

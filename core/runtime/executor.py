@@ -15,7 +15,11 @@ tied head, fp32 router kept fp32), never in forward.
 
 Fusion is a load step too: `ResidentWeights` reads q, k and v into one [q; k; v] buffer and
 every gate/up pair (dense MLP, shared experts, each routed expert) into one [gate; up] buffer,
-row-concatenated (core/runtime/fuse.py). The executor runs one projection over `qkv` and
+row-concatenated (core/runtime/fuse.py). Weight-only quantized models (graph.quant) hold
+PackedWeights (core/quant) where tensors would be, quantized tensor by tensor as they are read
+(or read packed from a quantized checkpoint), each passed once through the kernel table's
+prepare_weight into the layout the bound kernels read; they are not fused yet (a fused packed
+weight is a row concatenation, core.quant.cat_rows, but the CPU layouts are per weight). The executor runs one projection over `qkv` and
 splits the output; gate and up stay views of their buffer, so every swiglu/moe kernel keeps its
 signature and a kernel that sees the two adjacent (backends/cpu) runs one projection for both.
 """
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..plugins.backend import Backend
+from ..quant.checkpoint import read_packed
+from ..quant.format import empty_packed
 from ..model.graph import ModelGraph
 from ..plugins.kernel_table import KernelTable
 from .fuse import fused_rows, fused_stack
@@ -53,15 +59,22 @@ class ResidentWeights:
 
     fully_resident = True     # no host work per step: decode can be captured as a device graph
 
-    def __init__(self, graph: ModelGraph, checkpoint, backend: Backend, dtype: torch.dtype, progress=None):
+    def __init__(self, graph: ModelGraph, checkpoint, backend: Backend, dtype: torch.dtype, progress=None,
+                 prepare=None, stored_quant: bool = False):
         self.graph, self.ckpt, self.backend, self.dtype = graph, checkpoint, backend, dtype
         self.progress = progress
+        self.prepare = prepare or (lambda w, role=None: w)   # kernel table's prepare_weight (quantized models)
+        self.stored_quant = stored_quant          # the checkpoint holds packed weights already
         self.layers = [self._load_block(b) for b in graph.blocks]
         self.embed = self._load(graph.embed)
         self.final_norm = self._load(graph.final_norm)
         self.head = self.embed if graph.tied else self._load(graph.head)
 
     def _load(self, ref, dtype=None):
+        if ref.quant is not None:
+            pw = read_packed(self.ckpt, ref, self.dtype, self.stored_quant, alloc=self.backend.alloc)
+            self._tick(ref.nbytes)
+            return self.prepare(pw, ref.role)
         # the router and its bias stay fp32 (docs/model.md 4.2 item 7); everything else in the model dtype
         target = dtype or (torch.float32 if ref.role == "router" else self.dtype)
         out = self.backend.alloc(ref.shape, target)
@@ -75,6 +88,12 @@ class ResidentWeights:
 
     def _stack(self, refs):
         first = refs[0]
+        if first.quant is not None:
+            out = empty_packed(first.quant, (len(refs),) + first.shape, self.dtype, self.backend.alloc)
+            for i, ref in enumerate(refs):
+                read_packed(self.ckpt, ref, self.dtype, self.stored_quant, out=out, index=i)
+                self._tick(ref.nbytes)
+            return self.prepare(out, first.role)
         out = self.backend.alloc((len(refs),) + first.shape, self.dtype)
         for i, ref in enumerate(refs):
             self._read(ref, out[i])
@@ -90,6 +109,8 @@ class ResidentWeights:
         return gate, up, self._load(m.down)
 
     def _load_block(self, b) -> LayerWeights:
+        if self.graph.quant is not None:
+            return self._load_block_packed(b)
         norm = self._load(b.input_norm)
         qkv, (q, k, v) = self._fused([b.q, b.k, b.v])
         lw = LayerWeights(input_norm=norm, q=q, k=k, v=v, o=self._load(b.o),
@@ -106,6 +127,22 @@ class ResidentWeights:
             lw.experts = (gate, up, self._stack([e.down for e in m.experts]))
             if m.shared is not None:
                 lw.shared = self._mlp(m.shared)
+        return lw
+
+    def _load_block_packed(self, b) -> LayerWeights:
+        """Packed weights one by one (no fusion): each its own PackedWeight, prepared once."""
+        lw = LayerWeights(input_norm=self._load(b.input_norm), q=self._load(b.q), k=self._load(b.k),
+                          v=self._load(b.v), o=self._load(b.o), post_norm=self._load(b.post_norm))
+        if b.mlp is not None:
+            lw.mlp = tuple(self._load(r) for r in b.mlp.refs())
+        else:
+            m = b.moe
+            lw.router = self._load(m.router)
+            lw.bias = self._load(m.bias).reshape(-1)
+            lw.experts = (self._stack([e.gate for e in m.experts]), self._stack([e.up for e in m.experts]),
+                          self._stack([e.down for e in m.experts]))
+            if m.shared is not None:
+                lw.shared = tuple(self._load(r) for r in m.shared.refs())
         return lw
 
     def _tick(self, nbytes):

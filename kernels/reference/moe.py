@@ -24,20 +24,27 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     Per expert in index order: SwiGLU of its tokens in x.dtype, times the x.dtype weight,
     index_add_ into an x.dtype buffer — the order and precision HF uses.
     """
-    T, k = topk_ids.shape
     E = w_gate.shape[0]
+    return grouped_experts(x, topk_weights, topk_ids, E,
+                           lambda e, xs: swiglu_mlp(xs, w_gate[e], w_up[e], w_down[e]))
+
+
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                    expert_mlp) -> torch.Tensor:
+    """The routed sum with expert_mlp(e, x_rows) per expert: shared by the plain and quantized ops."""
+    T, k = topk_ids.shape
     flat = topk_ids.reshape(-1)                                   # [T*k], entry = t*k + j
     order = torch.argsort(flat, stable=True)                      # grouped by expert
     tokens = order // k                                           # [T*k] token of each entry
     weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-    counts = torch.bincount(flat, minlength=E).tolist()           # one host sync per layer
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host sync per layer
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         tok = tokens[start:start + n]
-        y = swiglu_mlp(x[tok], w_gate[e], w_up[e], w_down[e])
+        y = expert_mlp(e, x[tok])
         out.index_add_(0, tok, y * weights[start:start + n])
         start += n
     return out

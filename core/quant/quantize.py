@@ -1,0 +1,50 @@
+"""quantize: a float weight -> PackedWeight, the issue's exact scheme (core/quant/scheme.py).
+
+Works on any slice of rows (a shard, one expert, one tensor of a stack), since scales are per row
+and groups never cross rows; a column slice keeps its groups when it starts and ends on a group
+boundary (tensor-parallel shards of a row-parallel weight must cut there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...kernels.reference.dequant import pack_int4
+from .format import PackedWeight
+from .scheme import QuantSpec
+
+
+def quantize_values(w: torch.Tensor, spec: QuantSpec) -> tuple:
+    """(q int8 [..., out, in], scales fp32 [..., out, groups]) of `w`, computed in fp32."""
+    w = w.float()
+    *lead, cols = w.shape
+    g = spec.groups(cols)
+    wg = w.reshape(*lead, g, cols // g)
+    s = wg.abs().amax(dim=-1) / spec.qmax                                     # [..., out, g]
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round(wg / safe.unsqueeze(-1))                                  # round half to even
+    q = q.clamp_(-spec.qmax, spec.qmax).masked_fill_((s == 0).unsqueeze(-1), 0)
+    return q.to(torch.int8).reshape(w.shape), s
+
+
+def pack(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The stored integers of q: int8 itself (wint8) or two per byte (wint4)."""
+    return q if spec.bits == 8 else pack_int4(q)
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | None = None,
+             name: str = "weight", out: PackedWeight | None = None) -> PackedWeight:
+    """PackedWeight of `w` ([..., out, in]); `dtype` the model's compute dtype (default w's).
+    `out`: write into its data/scales (device storage allocated by the loader)."""
+    spec.check(name, tuple(w.shape))
+    q, s = quantize_values(w, spec)
+    data = pack(q, spec)
+    if out is None:
+        return PackedWeight(data, s, spec, tuple(w.shape), dtype or w.dtype)
+    out.data.copy_(data)
+    out.scales.copy_(s)
+    return out
+
+
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return pw.dequantize(dtype)
