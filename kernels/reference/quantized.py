@@ -48,6 +48,6 @@ def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, nor
     return out
 
 
-def prepare_weight(w):
+def prepare_weight(w, role: str | None = None):
     """The layout these kernels read: the packed weight itself."""
     return w
