@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, chat, conformance, devices, generate, make_checkpoint, serve
+from . import bench, chat, conformance, devices, generate, make_checkpoint, quantize, serve
 
-COMMANDS = [devices, generate, chat, serve, bench, conformance, make_checkpoint]
+COMMANDS = [devices, generate, chat, serve, bench, conformance, make_checkpoint, quantize]
 
 # Errors a user can fix get one line on stderr and exit code 2; anything else is a bug and
 # keeps its traceback.
