@@ -41,7 +41,7 @@ def run(args) -> int:
     engine.ensure_kv(engine.blocks_for(min(engine.max_model_len, CONTEXT)))   # room for a conversation
     info = model.backend.info
     note = " — random weights, the text is noise" if model.random_weights else ""
-    print(f"model {model.path} on {info.label} ({info.name}){note}\n/reset starts over, /exit quits",
+    print(f"model {model.path} on {info.label} ({info.name}), {model.describe()}{note}\n/reset starts over, /exit quits",
           file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)

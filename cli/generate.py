@@ -72,7 +72,7 @@ def run(args) -> int:
         close()
     info = model.backend.info
     note = " — random weights, the text is noise" if model.random_weights else ""
-    print(f"model {model.path} on {info.label} ({info.name}), {str(model.dtype).replace('torch.', '')}{note}",
+    print(f"model {model.path} on {info.label} ({info.name}), {model.describe()}{note}",
           file=sys.stderr)
     if args.show_plan and model.plan is not None:
         print(model.plan.table(), file=sys.stderr)

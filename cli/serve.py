@@ -127,7 +127,7 @@ def run(args) -> int:
     info = model.backend.info
     note = " (random weights, the text is noise)" if model.random_weights else ""
     print(f"serving {server.name!r}: {model.path}{note} on {info.label} ({info.name}), "
-          f"{str(model.dtype).replace('torch.', '')}; context {server.max_model_len} tokens; KV cache "
+          f"{model.describe()}; context {server.max_model_len} tokens; KV cache "
           f"{kv.num_blocks} blocks x {kv.block_size} tokens ({kv.nbytes / 2**20:.0f} MiB); "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     if model.parallel is not None:

@@ -139,6 +139,21 @@ class Model:
         return grammar
 
     @property
+    def quantization(self) -> dict:
+        """Which weight-only scheme the weights are in and the bytes they hold: {"scheme": "wint4"
+        | "none", "group_size": 128 | None, "weight_bytes": packed + plain weight bytes}."""
+        g = self.model.graph
+        q = g.quant
+        return {"scheme": q.scheme if q else "none", "group_size": q.group_size if q else None,
+                "weight_bytes": sum(w.stored_nbytes(self.dtype) for w in g.weights())}
+
+    def describe(self) -> str:
+        """The load line's tail: dtype, quantization and weight bytes."""
+        q = self.quantization
+        scheme = "" if q["scheme"] == "none" else f", {self.model.graph.quant.label}"
+        return (f"{str(self.dtype).replace('torch.', '')}{scheme}, weights {q['weight_bytes'] / 2**20:.0f} MiB")
+
+    @property
     def kernels(self) -> dict:
         """op -> implementation bound at load."""
         return self.model.kernels.describe()
@@ -185,7 +200,8 @@ class Model:
         metrics = times.as_dict()
         metrics.update(rss_before_load_bytes=self.rss_before_load, peak_rss_bytes=peak_rss_bytes(),
                        decode_graphs=self.engine.decode_graphs,
-                       decode_graph_eager_steps=self.engine.graph_metrics()["decode_graph_eager_steps"])
+                       decode_graph_eager_steps=self.engine.graph_metrics()["decode_graph_eager_steps"],
+                       quantization=self.quantization)
         offload = self.offload_stats()
         if offload is not None:
             metrics["offload"] = offload
@@ -321,8 +337,11 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
                                   stored_quant=stored is not None)
     else:
         if quant is not None:
-            from .memory.offload import check_quantized
-            check_quantized(graph, stored is not None)
+            # the staging engine moves plain tensors only so far (its pieces are one dtype each)
+            raise BudgetError(
+                f"{path}: staging {quant.label} weights is not supported yet: the packed model needs "
+                f"{graph.total_bytes / 2**30:.2f} GiB resident; raise --max-device-memory/--max-host-memory "
+                f"to fit it, or load without --quantization to stage plain weights")
         from .memory.offload import OffloadedWeights
         weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
                                    cache_policy=expert_cache)

@@ -196,7 +196,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(server.engine.scheduler.stats()),
+        stats = {**server.engine.scheduler.stats(), "quantization": server.model.quantization}
+        return PlainTextResponse(metrics.render(stats),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

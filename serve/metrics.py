@@ -47,6 +47,12 @@ class _SchedulerStats:
                                 int(bool(s.get("decode_graphs_on", False))))
         yield CounterMetricFamily(f"{p}decode_graph_eager_steps_total", "Decode steps that ran eager instead of replaying.",
                                   s.get("decode_graph_eager_steps", 0))
+        q = s.get("quantization")
+        if q:
+            g = GaugeMetricFamily(f"{p}weight_bytes", "Bytes the model's weights hold, by weight-only quantization scheme.",
+                                  labels=["quantization", "group_size"])
+            g.add_metric([q["scheme"], str(q["group_size"])], q["weight_bytes"])
+            yield g
 
 
 class ServerMetrics(Observer):

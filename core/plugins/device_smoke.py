@@ -28,6 +28,7 @@ def describe_all(registry, smoke_test: bool = True) -> list:
             if smoke_test:
                 row["smoke_test"], row["smoke_detail"] = smoke(registry, backend)
                 row["kernels"] = _kernel_sources(registry, backend)
+                row["quantization"] = _quant_kernels(registry, backend)
             rows.append(row)
     return rows
 
@@ -55,6 +56,19 @@ def _kernel_sources(registry, backend) -> dict:
         return bindings(registry, backend, torch.float32)
     except Exception as e:
         return {"error": str(e)}
+
+
+def _quant_kernels(registry, backend) -> dict:
+    """Weight-only schemes this device loads, each with the linear / moe kernels it binds."""
+    out = {}
+    for scheme, group in (("wint8", -1), ("wint4", 128)):
+        spec = OpSpec(dtype=torch.float32, facts=(("group_size", group), ("quantization", scheme)))
+        try:
+            t = registry.kernel_table(backend, spec)
+            out[scheme] = {op: t.sources[op] for op in ("linear", "moe", "embedding")}
+        except Exception as e:
+            out[scheme] = {"error": str(e)}
+    return out
 
 
 def smoke(registry, backend) -> tuple:

@@ -71,3 +71,27 @@ def test_quantize_refuses_nonempty_out_and_bad_group(source, tmp_path, capsys):
                  "--group-size", "512"]) == 2       # 512 does not divide hidden 256
     assert "not divisible by group size 512" in capsys.readouterr().err
     assert not (tmp_path / "g").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_reports_say_the_scheme_and_weight_bytes(source, capsys):
+    plain = ernie_hal.load(source, device="cpu")
+    q = ernie_hal.load(source, device="cpu", quantization="wint4", group_size=64)
+    info = q.quantization
+    assert info["scheme"] == "wint4" and info["group_size"] == 64
+    assert plain.quantization["scheme"] == "none"
+    assert plain.quantization["weight_bytes"] / info["weight_bytes"] > 3
+    assert q.generate([5, 6], max_new_tokens=2, temperature=0).metrics["quantization"] == info
+    from ernie_hal.serve.metrics import ServerMetrics
+    stats = {"num_steps": 0, "num_waiting": 0, "num_running": 0, "kv_usage": 0.0, "kv_blocks_free": 1,
+             "kv_blocks_total": 1, "quantization": info}
+    text = ServerMetrics().render(stats)
+    assert f'ernie_hal_weight_bytes{{quantization="wint4",group_size="64"}} {info["weight_bytes"]}' in text
+    assert main(["generate", "hi", "--device", "cpu", "--quantization", "wint8",   # the embedded tiny model
+                 "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["metrics"]["quantization"]["scheme"] == "wint8"
+
+
+def test_staging_quantized_weights_is_a_clear_error(source):
+    with pytest.raises(ValueError, match="staging wint8 .* not supported yet"):
+        ernie_hal.load(source, device="cpu", quantization="wint8", max_device_memory="1MiB")
