@@ -94,4 +94,17 @@ def test_reports_say_the_scheme_and_weight_bytes(source, capsys):
 
 def test_staging_quantized_weights_is_a_clear_error(source):
     with pytest.raises(ValueError, match="staging wint8 .* not supported yet"):
-        ernie_hal.load(source, device="cpu", quantization="wint8", max_device_memory="1MiB")
+        ernie_hal.load(source, device="cpu", quantization="wint8", max_device_memory="2MiB")
+
+
+def test_placement_counts_packed_bytes(source):
+    """A budget the bf16 weights overflow holds the wint4 model resident."""
+    from ernie_hal.core.memory.placement import plan
+    from ernie_hal.core.model.graph import build
+    from ernie_hal.core.quant import resolve
+    from ernie_hal.backends.cpu.backend import CpuBackend
+    plain, packed = build(CFG), build(CFG, quant=resolve("wint4", 128))
+    budget = plain.total_bytes // 2 + 2**20
+    assert packed.total_bytes < budget < plain.total_bytes
+    assert plan(packed, CpuBackend(), budget, None, "auto", torch.bfloat16).fully_resident
+    assert not plan(plain, CpuBackend(), budget, None, "auto", torch.bfloat16).fully_resident
