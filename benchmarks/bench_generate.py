@@ -5,6 +5,10 @@ achieved GB/s of weight reads during decode against this machine's measured copy
 and peak RSS. Each (engine, dtype) runs in its own process so peak RSS is its own.
 
     python benchmarks/bench_generate.py [--model DIR] [--device cpu] [--dtypes fp32 bf16]
+        [--quantization none wint8 wint4] [--group-size N]
+
+--quantization adds an ernie-hal row per weight-only scheme (quantized at load; transformers
+runs the unquantized weights only).
 
 Writes benchmarks/results/bench_generate_<device>.json (temp file, then rename).
 """
@@ -42,7 +46,9 @@ def run_ernie_hal(args) -> dict:
 
     import ernie_hal
     rss0 = peak_rss()
-    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype)
+    quant = getattr(args, "quant", None) or "none"
+    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, quantization=quant,
+                           group_size=getattr(args, "group_size", None))
     prompt = torch.randint(3, model.config.vocab_size, (args.prefill_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     short = prompt[:16]
@@ -63,6 +69,10 @@ def run_ernie_hal(args) -> dict:
     decode()
     dec = [decode() for _ in range(args.repeat)]
     return _report(model.config, args, pre, dec, rss0, weight_bytes(model.model.graph, model.dtype))
+
+
+def packed_bytes(w, size) -> int:
+    return w.quant.packed_nbytes(w.shape) if getattr(w, "quant", None) else w.numel * size
 
 
 def _prefill_only(model, prompt):
@@ -120,8 +130,8 @@ def weight_bytes(graph, dtype) -> int:
     for w in graph.weights():
         if w.role == "embed":
             continue
-        total += w.numel * (4 if w.role == "router" else size)
-    return total + graph.head.numel * size
+        total += packed_bytes(w, 4 if w.role == "router" else size)
+    return total + packed_bytes(graph.head, size)
 
 
 def _report(config, args, pre, dec, rss0, wbytes) -> dict:
@@ -172,7 +182,7 @@ def child(args):
     print("RESULT " + json.dumps(fn(args)))
 
 
-def spawn(args, engine, dtype="fp32") -> dict:
+def spawn(args, engine, dtype="fp32", quant="none") -> dict:
     """One measurement in a fresh process. The parent never imports torch nor holds buffers:
     Linux keeps ru_maxrss across fork+exec, so a heavy parent would inflate every child's peak."""
     cmd = [sys.executable, __file__, "--engine", engine, "--dtype", dtype, "--model", args.model,
@@ -180,6 +190,8 @@ def spawn(args, engine, dtype="fp32") -> dict:
            "--decode-len", str(args.decode_len), "--repeat", str(args.repeat)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if quant != "none":
+        cmd += ["--quant", quant] + (["--group-size", str(args.group_size)] if args.group_size else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode or not line:
@@ -200,6 +212,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads, also the native CPU GEMV's (default: torch's, the physical cores)")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/bench_generate_<device>.json)")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "wint8", "wint4"],
+                    help="ernie-hal rows per weight-only scheme (quantized at load)")
+    ap.add_argument("--group-size", type=int, default=None, help="quantization group (default per scheme)")
+    ap.add_argument("--quant", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,29 +236,30 @@ def main():
     runs: dict = {}
     for rnd in range(args.rounds):
         for dtype in args.dtypes:
-            for engine in args.engines:
-                r = spawn(args, engine, dtype)
-                runs.setdefault((engine, dtype), []).append(r)
+            for engine, quant in [(e, q) for e in args.engines
+                                  for q in (args.quantization if e == "ernie-hal" else ["none"])]:
+                r = spawn(args, engine, dtype, quant)
+                runs.setdefault((engine, dtype, quant), []).append(r)
                 if "error" in r:
-                    print(f"{engine} {dtype}: FAILED\n{r['error']}", file=sys.stderr)
+                    print(f"{engine} {dtype} {quant}: FAILED\n{r['error']}", file=sys.stderr)
                     continue
-                print(f"round {rnd + 1}  {engine:<13} {dtype:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
+                print(f"round {rnd + 1}  {engine:<13} {dtype:<5} {quant:<5} prefill {r['prefill_tokens_per_s']:8.1f} tok/s   "
                       f"decode {r['decode_tokens_per_s']:7.2f} tok/s   peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB",
                       flush=True)
     rows = []
-    for (engine, dtype), results in runs.items():
+    for (engine, dtype, quant), results in runs.items():
         ok = [r for r in results if "error" not in r]
         if not ok:
-            rows.append({"engine": engine, "dtype": dtype, "error": results[-1]["error"]})
+            rows.append({"engine": engine, "dtype": dtype, "quantization": quant, "error": results[-1]["error"]})
             continue
         row = {key: statistics.median(r[key] for r in ok) for key in ok[0] if isinstance(ok[0][key], float)}
-        row.update(engine=engine, dtype=dtype, rounds=len(ok), prefill_tokens=ok[0]["prefill_tokens"],
+        row.update(engine=engine, dtype=dtype, quantization=quant, rounds=len(ok), prefill_tokens=ok[0]["prefill_tokens"],
                    decode_tokens=ok[0]["decode_tokens"], weight_bytes_per_token=ok[0]["weight_bytes_per_token"],
                    peak_rss_bytes=max(r["peak_rss_bytes"] for r in ok),
                    rss_before_load_bytes=min(r["rss_before_load_bytes"] for r in ok),
                    decode_tokens_per_s_each_round=[r["decode_tokens_per_s"] for r in ok])
         rows.append(row)
-        print(f"{engine:<13} {dtype:<5} prefill {row['prefill_tokens_per_s']:8.1f} tok/s   "
+        print(f"{engine:<13} {dtype:<5} {quant:<5} prefill {row['prefill_tokens_per_s']:8.1f} tok/s   "
               f"decode {row['decode_tokens_per_s']:7.2f} tok/s   "
               f"{row['decode_weight_gbps']:6.2f} GB/s ({row['decode_weight_gbps'] / max(read_limit, 1e-9):.0%} of the "
               f"{read_limit:.1f} GB/s read limit; copy {limit:.1f} GB/s)   "
