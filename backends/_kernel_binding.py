@@ -45,6 +45,9 @@ TRITON_OPS = {
     "moe_route": ("moe", "make_moe_route"),
     "moe_experts": ("moe", "make_moe_experts"),
     "moe": ("moe", "make_moe"),
+    # weight-only quantized (the op takes PackedWeights; op_key names it "<op>.<scheme>")
+    "linear.wint8": ("wlinear", "make_linear_wint"),
+    "linear.wint4": ("wlinear", "make_linear_wint"),
 }
 
 # Ops the vendor libraries already run well; the backend binds the torch op natively.

@@ -22,6 +22,10 @@ import torch
 from ..plugins.emulate import emulated
 from ..plugins.binding_report import bindings, impl_of, native_kernel  # noqa: F401 - bindings is public here
 from ..plugins.kernel_table import OPS
+from ..quant import PackedWeight, quantize, resolve
+
+# weight-only quantized ops: the op's kernel for a model whose weights are packed (core/quant)
+QUANT_OPS = ("linear.wint8", "linear.wint4")
 
 # (atol, rtol) per dtype: |got - want| <= atol + rtol * |want| against the float64 oracle, for
 # outputs of order one. Wide enough for the reference itself run in that dtype (the cpu row).
@@ -182,12 +186,24 @@ def _linear_args(T, K, N):
     return make
 
 
+def _wlinear_args(T, K, N, scheme, group):
+    def make(dtype, g):
+        w = _rand(g, N, K, dtype=torch.float32, scale=K ** -0.5)
+        return [_rand(g, T, K, dtype=dtype), quantize(w, resolve(scheme, group), dtype)]
+    return make
+
+
 # Every parametrized shape names the edge it covers. Tiny by default: the Triton interpreter
 # runs every program in numpy. `slow` ones are the production widths.
 CASES = (
     Case("embedding", "T=7 V=100 H=64", _embedding_args(7, 100, 64)),
     Case("linear", "T=7 64->96 (N not a power of two)", _linear_args(7, 64, 96)),
     Case("linear", "T=1 2560->2560 (decode, 21B-A3B width)", _linear_args(1, 2560, 2560), slow=True),
+    Case("linear.wint8", "T=1 256->72 per channel (GEMV tiles, N not a power of two)",
+         _wlinear_args(1, 256, 72, "wint8", -1)),
+    Case("linear.wint8", "T=40 256->72 g32 (GEMM tiles, ragged rows)", _wlinear_args(40, 256, 72, "wint8", 32)),
+    Case("linear.wint4", "T=1 256->72 g128 (GEMV tiles)", _wlinear_args(1, 256, 72, "wint4", 128)),
+    Case("linear.wint4", "T=40 256->72 per channel (GEMM tiles)", _wlinear_args(40, 256, 72, "wint4", -1)),
     Case("rms_norm", "T=1 H=64 (one decode row)", _norm_args(1, 64, False)),
     Case("rms_norm", "T=7 H=96 (H not a power of two)", _norm_args(7, 96, False)),
     Case("rms_norm", "T=256 H=2560 (21B-A3B hidden)", _norm_args(256, 2560, False), slow=True),
@@ -234,10 +250,12 @@ CASES = (
 
 def cases(ops=None, slow: bool = False) -> list:
     """The cases for `ops` (None: all); "model" and "decode_graphs" name whole-model rows."""
-    wanted = set(OPS) if ops is None else set(ops) - {"model", "decode_graphs", "parallel"}
-    unknown = wanted - set(OPS)
+    known = set(OPS) | set(QUANT_OPS)
+    wanted = known if ops is None else set(ops) - {"model", "decode_graphs", "parallel"}
+    unknown = wanted - known
     if unknown:
-        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}, model, decode_graphs, parallel")
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS + QUANT_OPS)}, model, "
+                         f"decode_graphs, parallel")
     return [c for c in CASES if c.op in wanted and (slow or not c.slow)]
 
 
@@ -254,6 +272,8 @@ def _to(x, device=None, dtype_map=None):
         return x.to(device).clone() if device is not None else x.clone()
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device, dtype_map) for t in x)
+    if isinstance(x, PackedWeight):     # integers and fp32 scales move as they are
+        return x.to(device) if device is not None else x
     return x
 
 
@@ -330,6 +350,10 @@ def run_case(registry, backend, case: Case, dtype: torch.dtype, forced: bool = F
     want = [w.double() if w.is_floating_point() else w
             for w in _outputs(case.op, reference_op(case.op)(*oracle_args), oracle_args)]
     dev_args = _to(args, backend.device)
+    if "." in case.op:      # packed weights in the layout the backend's kernels read (bound at load)
+        prep, _ = native_kernel(registry, backend, "prepare_weight." + case.op.split(".")[1], dtype)
+        if prep is not None:
+            dev_args = [prep(a) if isinstance(a, PackedWeight) else a for a in dev_args]
     try:
         result = fn(*dev_args)
         backend.synchronize()
@@ -354,8 +378,9 @@ ORACLE_FP64_LIMIT = 1 << 24    # elements
 
 
 def reference_op(op: str):
-    from ...kernels.reference import OPS as REF
-    return REF[op]
+    from ...kernels.reference import OPS as REF, OPS_QUANT
+    base, _, scheme = op.partition(".")
+    return (OPS_QUANT if scheme else REF)[base]
 
 
 # ---- a whole tiny model ------------------------------------------------------------------------

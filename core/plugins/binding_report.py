@@ -11,8 +11,11 @@ _REFERENCE = __name__.split(".")[0] + ".kernels.reference"   # "ernie_hal.kernel
 
 
 def native_kernel(registry, backend, op: str, dtype: torch.dtype):
-    """(fn, skip reason): the backend's own kernel, never the reference fallback."""
-    spec = OpSpec(dtype=dtype, allow_fallback=False)
+    """(fn, skip reason): the backend's own kernel, never the reference fallback. "linear.wint4"
+    names the op for weight-only quantized weights (a model spec with that scheme)."""
+    op, _, scheme = op.partition(".")
+    facts = (("group_size", 128), ("quantization", scheme)) if scheme else ()
+    spec = OpSpec(dtype=dtype, facts=facts, allow_fallback=False)
     fn = registry.pm.hook.ernie_hal_get_kernel(backend=backend, op=op, spec=spec)
     if fn is not None:
         return fn, ""
