@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import dataclass, field
 
 import psutil
 import torch
 
 from .model import defaults
+from .rss import peak_rss_bytes  # noqa: F401 - part of the API (benchmarks, tests)
 from .plugins.backend import Backend
 from .runtime.engine import Engine
 from .model.graph import build
@@ -80,11 +80,6 @@ def _load_tokenizer(path):
         return load_tokenizer(path)
     except NoTokenizerError:
         return None
-
-
-def peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux: the OS's high-water mark of this process
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass

@@ -114,5 +114,5 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # KiB on Linux
+    from ..rss import peak_rss_bytes     # VmHWM: a worker exec'd from a large rank 0 starts afresh
+    return peak_rss_bytes()
