@@ -78,15 +78,14 @@ def ernie_child(args) -> dict:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes a decode step reads: every weight once, the embedding table only as the head."""
-    graph = model.model.graph
-    sizes = getattr(model, "weight_bytes", None)          # packed sizes where quantized
-    if callable(sizes):
-        return int(sizes(per_token=True))
-    import torch
-    el = torch.empty((), dtype=model.dtype).element_size()
-    total = sum(w.numel * (4 if w.role == "router" else el) for w in graph.weights() if w.role != "embed")
-    return total + graph.head.numel * el
+    """Bytes a decode step reads: every weight once as stored (packed bytes where quantized),
+    the embedding table only as the head."""
+    return graph_bytes_per_token(model.model.graph, model.dtype)
+
+
+def graph_bytes_per_token(graph, dtype) -> int:
+    total = sum(w.stored_nbytes(dtype) for w in graph.weights() if w.role != "embed")
+    return total + graph.head.stored_nbytes(dtype)
 
 
 def memory_child(args) -> dict:
