@@ -79,13 +79,23 @@ def ernie_child(args) -> dict:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes a decode step reads: every weight once as stored (packed bytes where quantized),
-    the embedding table only as the head."""
+    the embedding table only as the head, and of the routed experts the k of E a token uses."""
     return graph_bytes_per_token(model.model.graph, model.dtype)
 
 
 def graph_bytes_per_token(graph, dtype) -> int:
-    total = sum(w.stored_nbytes(dtype) for w in graph.weights() if w.role != "embed")
-    return total + graph.head.stored_nbytes(dtype)
+    c = graph.config
+    active = c.moe_k / c.moe_num_experts if c.moe_num_experts else 1.0
+    total = sum(w.stored_nbytes(dtype) * (active if w.role == "expert" else 1.0)
+                for w in graph.weights() if w.role != "embed")
+    return int(total + graph.head.stored_nbytes(dtype))
+
+
+def active_fraction(graph, dtype) -> float:
+    """Share of a model's weight bytes one decode token reads (1.0 for a dense model): applied
+    to a GGUF's size for llama.cpp's bytes per token."""
+    every = sum(w.stored_nbytes(dtype) for w in graph.weights() if w.role != "embed") + graph.head.stored_nbytes(dtype)
+    return graph_bytes_per_token(graph, dtype) / every
 
 
 def memory_child(args) -> dict:
@@ -117,6 +127,14 @@ def spawn_child(args, kind: str, precision: str = "bf16") -> dict:
     result = json.loads(line[-1][7:])
     result["peak_rss_bytes"] = rss
     return result
+
+
+def model_active_fraction(path: str) -> float:
+    import torch
+
+    from ernie_hal.core.model.config import ModelConfig
+    from ernie_hal.core.model.graph import build
+    return active_fraction(build(ModelConfig.from_file(path)), torch.bfloat16)
 
 
 def supports_quantization() -> bool:
@@ -236,6 +254,7 @@ def main():
         precisions = [p for p in precisions if not p.startswith("wint")]
     ggufs = {p: L.gguf_for(llama, args.model, GGUF_TYPE[p], via=args.quantize_via if p.startswith("wint") else None)
              for p in precisions}
+    moe_active = model_active_fraction(args.model)
     mem = spawn_child(args, "memory")
     print(f"memory: read {mem.get('read_gbps', 0):.1f} GB/s, copy {mem.get('copy_gbps', 0):.1f} GB/s "
           f"({args.threads} threads)", flush=True)
@@ -257,7 +276,8 @@ def main():
                         b = L.bench(llama, ggufs[p], args.threads, args.prefill, args.decode_len, args.repetitions)
                         r = {"decode": b[f"tg{args.decode_len}"]["tokens_per_s"],
                              **{f"pp{n}": b[f"pp{n}"]["tokens_per_s"] for n in args.prefill},
-                             "peak_rss_bytes": b["peak_rss_bytes"], "weight_bytes_per_token": os.path.getsize(ggufs[p])}
+                             "peak_rss_bytes": b["peak_rss_bytes"],
+                             "weight_bytes_per_token": int(os.path.getsize(ggufs[p]) * moe_active)}
                     except L.PeerError as e:
                         r = {"error": str(e)}
                 runs.setdefault((p, engine), []).append(r)
