@@ -300,6 +300,10 @@ class Checkpoint:
         src = self._source(ref)
         if src.shape != out.shape:
             src = src.view(out.shape)
+        return self._land(name, src, out, release)
+
+    def _land(self, name: str, src: torch.Tensor, out: torch.Tensor, release: bool) -> torch.Tensor:
+        """Copy `src` (over the mapping) into `out`, then release the tensor's pages if asked."""
         if out.device.type != "cpu" and out.dtype != src.dtype:
             # torch would convert on the host into a full-size temporary; convert on the device instead
             out.copy_(src.to(out.device))
@@ -335,15 +339,7 @@ class Checkpoint:
             last = dim == len(ref.shape) - 1
             src = raw.narrow(dim, start * item if last else start, (stop - start) * (item if last else 1))
             src = src.contiguous().view(ref.dtype)
-        src = src.reshape(shape)
-        if out.device.type != "cpu" and out.dtype != src.dtype:
-            out.copy_(src.to(out.device))
-        else:
-            out.copy_(src)
-        del src
-        if release:
-            self.release(name)
-        return out
+        return self._land(name, src.reshape(shape), out, release)
 
     def view(self, name: str) -> torch.Tensor:
         """Zero-copy CPU tensor over the mapped file. It keeps the mapping alive (even past close())
