@@ -37,3 +37,36 @@ def cli():
         return subprocess.run([sys.executable, "-m", "ernie_hal", *args], env=env or dict(os.environ),
                               capture_output=True, text=True, timeout=timeout, input=input)
     return run
+
+
+@pytest.fixture(scope="session")
+def serve_in_thread():
+    """A context manager: an ernie-hal Server behind uvicorn on a free loopback port, in a
+    thread of this process; yields the base URL and stops the server afterwards."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from ernie_hal.serve import create_app
+
+    @contextlib.contextmanager
+    def serve(server):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not uv.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            uv.should_exit = True
+            thread.join(30)
+    return serve

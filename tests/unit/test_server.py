@@ -6,16 +6,14 @@ against one-at-a-time runs; every bad input; KV blocks freed when a client disco
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import ernie_hal
-from ernie_hal.serve import build_server, create_app
+from ernie_hal.serve import build_server
 from ernie_hal.serve.text import TextStream
 
 KEY = "test-key"
@@ -28,21 +26,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def url(model):
-    server = build_server(model, NAME, max_num_seqs=64, max_num_batched_tokens=512, api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(30)
+def url(model, serve_in_thread):
+    with serve_in_thread(build_server(model, NAME, max_num_seqs=64, max_num_batched_tokens=512, api_key=KEY)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ tokens when constrained ones share their batches."""
 
 import json
 import re
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,11 +15,10 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-import uvicorn
 
 import ernie_hal
 from ernie_hal.core.model.tokenizer import ERNIE_CHAT_TEMPLATE, ByteTokenizer
-from ernie_hal.serve import build_server, create_app
+from ernie_hal.serve import build_server
 from ernie_hal.serve.protocol import ChatCompletionRequest
 from ernie_hal.serve.tools import parse_tool_calls, rewrite_stream, template_messages, tool_plan
 
@@ -59,21 +55,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def url(model):
-    server = build_server(model, NAME, max_num_seqs=32, max_num_batched_tokens=512)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(30)
+def url(model, serve_in_thread):
+    with serve_in_thread(build_server(model, NAME, max_num_seqs=32, max_num_batched_tokens=512)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
