@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...kernels.reference.moe import moe_route
+from ...kernels.reference.moe import grouped_experts, moe_route
 
 GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
 
@@ -70,24 +70,8 @@ def make_moe_experts(swiglu_mlp):
         """The reference's routed sum (experts in index order, x.dtype, index_add_), as one
         grouped projection per active expert over its gathered tokens: the loop runs over the
         experts some token picked, never over tokens."""
-        T, k = topk_ids.shape
-        E = w_gate.shape[0]
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tokens = order // k
-        weights = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(flat, minlength=E).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = tokens[start:start + n]
-            xs = x.index_select(0, tok)
-            y = swiglu_mlp(xs, w_gate[e], w_up[e], w_down[e])
-            out.index_add_(0, tok, y * weights[start:start + n])
-            start += n
-        return out
+        return grouped_experts(x, topk_weights, topk_ids, w_gate.shape[0],
+                               lambda e, xs: swiglu_mlp(xs, w_gate[e], w_up[e], w_down[e]))
 
     moe_experts.ernie_hal_impl = "cpu-grouped-experts"
     return moe_experts
