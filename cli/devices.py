@@ -15,9 +15,12 @@ def add_parser(subparsers) -> None:
     d.add_argument("--model", default=None, help="with --show-plan: checkpoint directory or preset name")
     d.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N", dest="tensor_parallel_size")
     d.add_argument("--expert-parallel", action="store_true")
-    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "wint8"],
-                   help="with --show-plan: weight dtype; wint8 estimates 1 byte per linear-weight element "
-                        "(scales not counted)")
+    d.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="with --show-plan: the dtype of the weights that are not quantized")
+    d.add_argument("--quantization", default=None, choices=["none", "wint8", "wint4"],
+                   help="with --show-plan: count the quantized weights as packed integers plus fp32 scales")
+    d.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="with --show-plan --quantization: -1 per channel, or a power of two >= 32")
     d.set_defaults(func=run)
 
 
@@ -44,6 +47,7 @@ def run(args) -> int:
 def _show_plan(args) -> int:
     from ..core.api import parallel_plan
     from ..core.parallel.layout import table
-    desc = parallel_plan(args.model, args.tensor_parallel_size, args.expert_parallel, args.dtype)
+    desc = parallel_plan(args.model, args.tensor_parallel_size, args.expert_parallel, args.dtype,
+                         args.quantization, args.group_size)
     print(json.dumps(desc, indent=2) if args.json else table(desc))
     return 0

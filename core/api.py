@@ -286,14 +286,11 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
             raise ParallelError(f"tensor_parallel_size {tensor_parallel_size} but torchrun started "
                                 f"{env['world_size']} ranks (WORLD_SIZE); make them equal")
         tensor_parallel_size = env["world_size"]
-    if tensor_parallel_size != 1 and quantization not in (None, "none"):
-        from .quant import QuantError
-        raise QuantError("--quantization with --tensor-parallel-size is not supported yet: load the quantized "
-                         "model on one rank, or split the unquantized model")
     if tensor_parallel_size != 1:
         return _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tensor_parallel_size,
                               expert_parallel, env, prefix_caching,
-                              budgets=(max_device_memory, max_host_memory, offload))
+                              budgets=(max_device_memory, max_host_memory, offload),
+                              quantization=quantization, group_size=group_size)
     device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
     host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
     offload = OFFLOAD_ALIASES.get(offload.lower() if isinstance(offload, str) else offload, offload)
@@ -346,8 +343,9 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
 
 
 def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, expert_parallel, env,
-                   prefix_caching, budgets) -> Model:
-    """load() over a tensor-parallel group; see core/parallel."""
+                   prefix_caching, budgets, quantization=None, group_size=None) -> Model:
+    """load() over a tensor-parallel group; see core/parallel. Quantization applies per rank: each
+    rank packs (or reads packed) only its own slices, cut on group boundaries."""
     from .parallel.group import ParallelError, join_torchrun, launch_local
     from .parallel.layout import check, describe
     from .parallel.model import build_rank
@@ -361,8 +359,9 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
     ckpt = Checkpoint.open(path)
     config = ckpt.config
     dtype = resolve_dtype(dtype, backend, config)
-    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
-    check(graph, tp, expert_parallel)             # refuse before any process starts
+    quant = qckpt.choose(qckpt.stored_spec(config), quantization, group_size, path)
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight", quant=quant)
+    check(graph, tp, expert_parallel, quant)      # refuse before any process starts
     if env is not None:
         if env["local_rank"]:
             backend = pick_device(_rank_devices(backend, env["local_rank"] + 1)[env["local_rank"]])
@@ -371,7 +370,8 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
         threads = max(1, torch.get_num_threads() // tp) if backend.caps.unified_memory else 0
         group = launch_local(tp, backend.caps.collectives, dict(
             path=path, devices=_rank_devices(backend, tp), dtype=str(dtype).replace("torch.", ""),
-            expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads),
+            expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads,
+            quantization=quant.scheme if quant else None, group_size=quant.group_size if quant else None),
             device=backend.device)
     try:
         done = [0]
@@ -382,7 +382,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
                 progress(done[0], graph.total_bytes // tp)
 
         model = build_rank(ckpt, backend, dtype, group, expert_parallel, allow_fallback, progress=tick,
-                           rss_before=rss_before)
+                           rss_before=rss_before, quant=quant)
         if group.rank != 0:         # torchrun: this rank follows rank 0 until it stops the group
             model.follow()
             group.close(stop=False)
@@ -394,7 +394,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
         raise
     out = Model(path, config, backend, dtype, model, _load_tokenizer(path), random_weights, rss_before,
                 plan=None, eager=True, prefix_caching=prefix_caching)
-    out.parallel = describe(graph, tp, expert_parallel, dtype)
+    out.parallel = describe(graph, tp, expert_parallel, dtype, quant)
     for row, mem in zip(out.parallel["ranks"], model.rank_memory):
         row.update(rss_before_load_bytes=mem["rss_before_load_bytes"], peak_rss_bytes=mem["peak_rss_bytes"])
     out.group = group
@@ -415,21 +415,25 @@ def _rank_devices(backend: Backend, n: int) -> list:
     return [f"{backend.name}:{base + r}" for r in range(n)]
 
 
-def parallel_plan(path_or_preset, tensor_parallel_size: int, expert_parallel: bool = False, dtype="bf16") -> dict:
+def parallel_plan(path_or_preset, tensor_parallel_size: int, expert_parallel: bool = False, dtype="bf16",
+                  quantization: str | None = None, group_size: int | None = None) -> dict:
     """The tensor-parallel layout of a checkpoint or preset from its config alone (nothing is read
-    or written): per rank its heads, vocabulary rows, experts and bytes. dtype "wint8" estimates
-    1 byte per element of the linear weights."""
+    or written): per rank its heads, vocabulary rows, experts and bytes; with `quantization`
+    ("wint8" | "wint4", `group_size` as in load) the packed bytes, integers plus fp32 scales.
+    A layout load would refuse (heads, widths, groups across ranks) raises the same LayoutError."""
     from .model.config import ModelConfig, preset
-    from .parallel.layout import describe
+    from .parallel.layout import check, describe
+    stored = None
     if path_or_preset is not None and os.path.isdir(path_or_preset):
         ckpt = Checkpoint.open(path_or_preset)
         config, untied = ckpt.config, ckpt.lm_head_name == "lm_head.weight"
+        stored = qckpt.stored_spec(config)
     elif path_or_preset is None or defaults.is_preset(path_or_preset):
         config, untied = preset(path_or_preset or defaults.DEFAULT_PRESET), None
     else:
         resolve_model_path(path_or_preset)       # raises the usual "neither a directory nor a preset"
         config, untied = ModelConfig.from_file(path_or_preset), None
-    graph = build(config, untied_head=untied)
-    quant = str(dtype).lower() == "wint8"
-    torch_dtype = torch.bfloat16 if quant else DTYPES[str(dtype).lower()]
-    return describe(graph, tensor_parallel_size, expert_parallel, torch_dtype, 1.0 if quant else None)
+    quant = qckpt.choose(stored, quantization, group_size, path_or_preset or defaults.DEFAULT_PRESET)
+    graph = build(config, untied_head=untied, quant=quant)
+    check(graph, tensor_parallel_size, expert_parallel, quant)
+    return describe(graph, tensor_parallel_size, expert_parallel, DTYPES[str(dtype).lower()], quant)

@@ -9,7 +9,8 @@
 #   bash scripts/gpu_checks.sh [STEP ...]      steps: env conformance ops e2e-small e2e-21b launches parallel
 #                                              (default: all but parallel)
 # parallel (needs >= 2 GPUs, else skipped with a message): 21B-A3B (8 layers) at TP 2 against TP 1,
-# per-rank memory and tokens/s, and the layout printout of 300B-A47B on 8 GPUs at bf16 and wint8;
+# per-rank memory and tokens/s, and the layout printout of 300B-A47B on 8 GPUs at bf16 and wint8
+# (packed bytes per rank);
 # outside the one-GPU, 8-minute budget above.
 # Environment: DEVICE (cuda), PYTHON (python3), OUT (results folder; default
 # benchmarks/results/gpu), CKPT (where random checkpoints go; default /tmp/ernie-hal-ckpt),
@@ -88,8 +89,8 @@ for step in "${steps[@]}"; do
         run_step parallel 560 bash -c "'$PY' benchmarks/bench_parallel.py --device '$DEVICE' ${par[*]} --tp 1 2 \
             --checkpoints '$CKPT' --output '$OUT/bench_parallel_$DEVICE.json' &&
           '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype bf16 &&
-          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype wint8 &&
-          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --dtype wint8 --json \
+          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --quantization wint8 &&
+          '$PY' -m ernie_hal devices --show-plan --model ernie-4.5-300b-a47b --tp 8 --quantization wint8 --json \
             > '$OUT/plan_300b_tp8_wint8.json'"
       fi ;;
     *) echo "unknown step $step (env conformance ops e2e-small e2e-21b launches parallel)"; failed=$((failed + 1)) ;;

@@ -11,6 +11,13 @@ Megatron's split, computed from the graph and N, nothing on a device:
 - embedding and LM head: vocabulary-parallel, the vocabulary padded up to a multiple of N;
   the embedding's partial rows are all-reduced, the head's logits gathered.
 Norms are replicated.
+
+Weight-only quantization (core/quant) splits the same way: scales are per row and groups run
+along the input dimension, so a column-parallel shard (rows) is a slice of the packed integers
+and the scales alike. A row-parallel shard (o, down: input columns split) keeps whole groups only
+when the group size divides its width (`check` refuses otherwise, naming the tensor); per channel,
+every rank's scale is the whole row's (core/parallel/packed.py). Bytes per rank count the packed
+integers plus fp32 scales.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 
 from ..model.graph import ModelGraph, WeightRef
 from ..plugins.backend import format_bytes as _fmt
+from ..quant.scheme import QuantSpec, is_quantized_role
 
 
 class LayoutError(ValueError):
@@ -62,16 +70,16 @@ class RankLayout:
     def shard(self, ref: WeightRef) -> Shard:
         return self.shards[ref.name]
 
-    def nbytes(self, dtype: torch.dtype, weight_bytes: float | None = None) -> int:
-        """Bytes this rank holds at `dtype` (router fp32). `weight_bytes`: bytes per element of
-        the 2-D linear weights instead (an int8 estimate), scales not counted."""
+    def nbytes(self, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
+        """Bytes this rank holds at `dtype` (router fp32); with `quant`, its quantized weights
+        (projections, experts, embedding, head) as packed integers plus fp32 scales."""
         item = torch.empty((), dtype=dtype).element_size()
         total = 0
         for s in self.shards.values():
             if s.role == "router":
                 total += s.numel * 4
-            elif weight_bytes is not None and len(s.shape) == 2 and s.role not in ("embed", "norm"):
-                total += int(s.numel * weight_bytes)
+            elif quant is not None and is_quantized_role(s.role):
+                total += quant.packed_nbytes(s.shape)
             else:
                 total += s.numel * item
         return total
@@ -82,8 +90,9 @@ def _split(n: int, world: int, rank: int) -> tuple:
     return (rank * per, (rank + 1) * per)
 
 
-def check(graph: ModelGraph, world_size: int, expert_parallel: bool = False) -> None:
-    """Raise LayoutError (one line naming the counts) unless the model splits over world_size."""
+def check(graph: ModelGraph, world_size: int, expert_parallel: bool = False, quant: QuantSpec | None = None) -> None:
+    """Raise LayoutError (one line naming the counts) unless the model splits over world_size
+    (and, with `quant`, unless every row-parallel shard holds whole quantization groups)."""
     c, N = graph.config, world_size
     if N < 1:
         raise LayoutError(f"tensor_parallel_size must be >= 1, found {N}")
@@ -111,6 +120,27 @@ def check(graph: ModelGraph, world_size: int, expert_parallel: bool = False) -> 
                               f"tensor_parallel_size {N}; try --expert-parallel")
     elif expert_parallel:
         raise LayoutError("--expert-parallel needs a MoE model; this one is dense")
+    if quant is not None:
+        _check_groups(layout(graph, N, 0, expert_parallel), quant)
+
+
+def _check_groups(lay: "RankLayout", quant: QuantSpec) -> None:
+    """Row-parallel shards (input columns split; equal on every rank) must cut between groups:
+    a group across two ranks would need one scale from both halves."""
+    for s in lay.shards.values():
+        if s.dim != 1 or not is_quantized_role(s.role):
+            continue
+        local = s.shape[1]
+        full = local * lay.world_size
+        if quant.group_size != -1 and local % quant.group_size:
+            hint = ", --expert-parallel" if s.role == "expert" else ""
+            raise LayoutError(
+                f"{s.name}: input dimension {full} split over tensor_parallel_size {lay.world_size} is {local} "
+                f"columns per rank, not a multiple of group size {quant.group_size}; use a --group-size that "
+                f"divides {local} (or -1, per channel){hint} or another --tp")
+        if quant.bits == 4 and local % 2:
+            raise LayoutError(f"{s.name}: input dimension {full} split over tensor_parallel_size {lay.world_size} "
+                              f"is {local} columns per rank, odd: wint4 packs two per byte; use wint8 or another --tp")
 
 
 def layout(graph: ModelGraph, world_size: int, rank: int, expert_parallel: bool = False) -> RankLayout:
@@ -188,8 +218,8 @@ def all_layouts(graph: ModelGraph, world_size: int, expert_parallel: bool = Fals
 
 
 def describe(graph: ModelGraph, world_size: int, expert_parallel: bool, dtype: torch.dtype,
-             weight_bytes: float | None = None) -> dict:
-    """The layout as data for --json: per rank, what it holds and its bytes."""
+             quant: QuantSpec | None = None) -> dict:
+    """The layout as data for --json: per rank, what it holds and its bytes (packed under `quant`)."""
     lays = all_layouts(graph, world_size, expert_parallel)
     c = graph.config
     ranks = []
@@ -197,18 +227,20 @@ def describe(graph: ModelGraph, world_size: int, expert_parallel: bool, dtype: t
         ranks.append(dict(rank=lay.rank, heads=list(lay.heads), kv_heads=list(lay.kv_heads),
                           vocab=list(lay.vocab), vocab_rows=lay.vocab_per_rank,
                           experts=list(lay.experts) if c.is_moe else None,
-                          bytes=lay.nbytes(dtype, weight_bytes)))
+                          bytes=lay.nbytes(dtype, quant)))
     kv_replicas = max(1, world_size // c.num_key_value_heads)
     mode = ("expert parallel" if lays[0].expert_parallel else "tensor parallel") if c.is_moe else "tensor parallel"
     return dict(world_size=world_size, mode=mode, kv_head_replicas=kv_replicas,
                 vocab_padded=lays[0].vocab_per_rank * world_size, vocab_size=c.vocab_size,
-                dtype=str(dtype).replace("torch.", "") if weight_bytes is None else f"int{int(weight_bytes * 8)} (estimate)",
+                dtype=str(dtype).replace("torch.", ""), quantization=quant.label if quant else "none",
                 total_bytes=sum(r["bytes"] for r in ranks), ranks=ranks)
 
 
 def table(desc: dict) -> str:
     """describe()'s answer as a printable table."""
-    lines = [f"parallel layout: {desc['world_size']} ranks, {desc['mode']}, weights {desc['dtype']}; "
+    q = desc.get("quantization", "none")
+    weights = desc["dtype"] if q == "none" else f"{q} (packed integers + fp32 scales), the rest {desc['dtype']}"
+    lines = [f"parallel layout: {desc['world_size']} ranks, {desc['mode']}, weights {weights}; "
              f"vocabulary {desc['vocab_size']} padded to {desc['vocab_padded']}; "
              f"each KV head on {desc['kv_head_replicas']} rank(s)",
              f"{'rank':>4}  {'q heads':>9}  {'kv heads':>9}  {'vocab rows':>15}  {'experts':>9}  {'bytes':>10}"]

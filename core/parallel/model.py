@@ -3,7 +3,8 @@
 Rank 0 runs the engine and scheduler as in one process; its `forward` first broadcasts the step
 description (core/parallel/step.py), then runs its share of the step. The other ranks `follow`:
 receive each step, run the same forward on their own KV cache, and leave when rank 0 stops.
-The collectives inside the forward come from the kernel table (`all_reduce`, `all_gather`).
+The collectives inside the forward come from the kernel table (`all_reduce`, and `gather`: the
+head's logits go to rank 0 only, which alone samples; the other ranks' forward returns None).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..model.graph import build
 from ..plugins.communicator import CollectiveError
 from ..plugins.kernel_table import OpSpec
 from ..plugins.registry import get_registry
+from ..quant import checkpoint as qckpt
 from ..runtime.executor import ErnieModel
 from ..runtime.kvcache import KVCache
 from . import step as steps
@@ -33,6 +35,15 @@ class ParallelModel(ErnieModel):
         super().__init__(graph, backend, kernels, weights, dtype)
         self.group, self.layout = group, lay
         self._dropped = []        # rank 0: generations of KV caches garbage-collected since the last step
+        self.gather = kernels.ops["gather"]
+
+    @torch.inference_mode()
+    def project(self, h, head):
+        """Rank 0: float32 logits of hidden rows `h`, every rank's vocabulary columns unpadded;
+        the other ranks send theirs and get None."""
+        logits = self.gather(self.kernels.linear(h, head), dim=-1)
+        self.weights.step_done()
+        return None if logits is None else logits[:, :self.config.vocab_size].float()
 
     @torch.inference_mode()
     def forward(self, ids, meta, kv, logit_rows=None):
@@ -80,23 +91,35 @@ class ParallelModel(ErnieModel):
 
 
 def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_parallel: bool,
-               allow_fallback: bool = True, progress=None, rss_before: int | None = None) -> ParallelModel:
-    """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives.
+               allow_fallback: bool = True, progress=None, rss_before: int | None = None,
+               quant=None) -> ParallelModel:
+    """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives;
+    `quant` (a QuantSpec, checked by the caller against the checkpoint) packs its weights.
     Ends with every rank's host memory (RSS before loading, peak after) gathered in
     `model.rank_memory`."""
     config = ckpt.config
-    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight")
-    ckpt.validate(graph.expected_tensors())
+    stored = qckpt.stored_spec(config) is not None
+    graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight", quant=quant)
+    ckpt.validate(qckpt.expected_tensors(graph) if stored else graph.expected_tensors())
     lay = layout(graph, group.world_size, group.rank, expert_parallel)
     local = local_config(graph, lay)
-    kernels = get_registry().kernel_table(backend, OpSpec.for_model(local, dtype, allow_fallback))
+    kernels = get_registry().kernel_table(backend, OpSpec.for_model(local, dtype, allow_fallback, quant))
     comm = backend.communicator(group.rank, group.world_size)
-    for op, fn in (("all_reduce", comm.all_reduce), ("all_gather", comm.all_gather)):
+    for op, fn in (("all_reduce", comm.all_reduce), ("gather", comm.gather)):
         kernels.ops[op] = fn
         kernels.sources[op] = f"torch.distributed ({backend.caps.collectives})"
-    weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress)
+
+    def reduce_max(t):               # load time, on the host: the CPU (gloo) group
+        try:
+            return group.control.all_reduce(t, op="max")
+        except CollectiveError as e:
+            raise group.error(e) from None
+
+    weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress,
+                             prepare=getattr(kernels, "prepare_weight", None) if quant is not None else None,
+                             stored_quant=stored, reduce_max=reduce_max)
     local_graph = type(graph)(config=local, embed=graph.embed, blocks=graph.blocks,
-                              final_norm=graph.final_norm, head=graph.head)
+                              final_norm=graph.final_norm, head=graph.head, quant=quant)
     model = ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
     before = _rss() if rss_before is None else rss_before
     mine = torch.tensor([before, _peak_rss()], dtype=torch.int64)

@@ -6,6 +6,12 @@ Checkpoint.read_slice, so a rank touches only its own rows or columns of the fil
 runs as usual (its output is a partial sum). Expert parallel: LayerWeights.experts stays None so
 the executor routes first and asks `routed_experts`, which runs this rank's experts for the
 tokens routed to them; the shared experts (column/row split) are added by the executor.
+
+Weight-only quantized models (graph.quant) hold PackedWeights cut the same way (core/parallel/
+packed.py), each passed once through the kernel table's prepare_weight, as one process holds them.
+The embedding's lookup table is not prepared: every backend's quantized `embedding` reads the
+packed rows as they are (core/quant/format.py); a tied head is its first vocab_per_rank rows,
+prepared as the head.
 """
 
 from __future__ import annotations
@@ -14,20 +20,34 @@ import torch
 
 from ..runtime.executor import LayerWeights
 from .layout import RankLayout
+from .packed import alloc_packed, read_shard, rows
 
 
 class ShardedWeights:
     fully_resident = False     # collectives and step broadcasts are not captured in decode graphs
 
-    def __init__(self, graph, checkpoint, backend, dtype: torch.dtype, lay: RankLayout, progress=None):
+    def __init__(self, graph, checkpoint, backend, dtype: torch.dtype, lay: RankLayout, progress=None,
+                 prepare=None, stored_quant: bool = False, reduce_max=None):
+        """Quantized graphs: `prepare` the kernel table's prepare_weight, `stored_quant` the
+        checkpoint holds packed weights, `reduce_max(t)` the ranks' elementwise max of a host
+        tensor, in place (packed.read_shard)."""
         self.graph, self.ckpt, self.backend, self.dtype, self.lay = graph, checkpoint, backend, dtype, lay
         self.progress = progress
+        self.prepare = prepare or (lambda w, role=None: w)
+        self.stored_quant, self.reduce_max = stored_quant, reduce_max
         self.local_experts = {}            # layer -> (gate, up, down) of this rank's experts (EP)
         vocab_rows = lay.vocab[1] - lay.vocab[0]
         # one extra zero row: ids owned by another rank look it up and contribute nothing
-        self.table = backend.alloc((lay.vocab_per_rank + 1, graph.config.hidden_size), dtype).zero_()
-        self._read_into(graph.embed, self.table[:vocab_rows])
-        self.head = self.table[:lay.vocab_per_rank] if graph.tied else self._load_padded(graph.head)
+        table_shape = (lay.vocab_per_rank + 1, graph.config.hidden_size)
+        if graph.embed.quant is not None:
+            self.table = alloc_packed(graph.embed, table_shape, dtype, backend.alloc, padded=True)
+            self._read_packed(graph.embed, rows(self.table, vocab_rows))
+            head = rows(self.table, lay.vocab_per_rank)
+            self.head = self.prepare(head, "head") if graph.tied else self._load_padded(graph.head)
+        else:
+            self.table = backend.alloc(table_shape, dtype).zero_()
+            self._read_into(graph.embed, self.table[:vocab_rows])
+            self.head = self.table[:lay.vocab_per_rank] if graph.tied else self._load_padded(graph.head)
         self.final_norm = self._load(graph.final_norm)
         self.layers = [self._load_block(b) for b in graph.blocks]
 
@@ -42,18 +62,38 @@ class ShardedWeights:
             self.progress(out.numel() * out.element_size())
         return out
 
+    def _read_packed(self, ref, out):
+        read_shard(self.ckpt, ref, self.lay.shard(ref), self.stored_quant, self.reduce_max, out)
+        if self.progress is not None:
+            self.progress(out.nbytes)
+        return out
+
     def _load(self, ref):
+        shape = self.lay.shard(ref).shape
+        if ref.quant is not None:
+            out = alloc_packed(ref, shape, self.dtype, self.backend.alloc)
+            return self.prepare(self._read_packed(ref, out), ref.role)
         target = torch.float32 if ref.role == "router" else self.dtype
-        return self._read_into(ref, self.backend.alloc(self.lay.shard(ref).shape, target))
+        return self._read_into(ref, self.backend.alloc(shape, target))
 
     def _load_padded(self, ref):
         s = self.lay.shard(ref)
+        if ref.quant is not None:
+            out = alloc_packed(ref, s.shape, self.dtype, self.backend.alloc, padded=True)
+            self._read_packed(ref, rows(out, s.stop - s.start))
+            return self.prepare(out, ref.role)
         out = self.backend.alloc(s.shape, self.dtype).zero_()
         self._read_into(ref, out[:s.stop - s.start])
         return out
 
     def _stack(self, refs):
-        out = self.backend.alloc((len(refs),) + self.lay.shard(refs[0]).shape, self.dtype)
+        shape = (len(refs),) + self.lay.shard(refs[0]).shape
+        if refs[0].quant is not None:
+            out = alloc_packed(refs[0], shape, self.dtype, self.backend.alloc)
+            for i, ref in enumerate(refs):
+                self._read_packed(ref, out[i])
+            return self.prepare(out, refs[0].role)
+        out = self.backend.alloc(shape, self.dtype)
         for i, ref in enumerate(refs):
             self._read_into(ref, out[i])
         return out

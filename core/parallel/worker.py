@@ -13,6 +13,7 @@ def main(argv=None) -> int:
     import torch
     from ..model.checkpoint_reader import Checkpoint
     from ..plugins.registry import get_registry
+    from ..quant import resolve
     from .group import join_local
     from .model import build_rank
     if args.get("threads"):
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
         backend = get_registry().pick(args["devices"][rank])
         group = join_local(args, backend.device)
         model = build_rank(Checkpoint.open(args["path"]), backend, getattr(torch, args["dtype"]), group,
-                           args["expert_parallel"], allow_fallback=args["allow_fallback"], rss_before=rss_before)
+                           args["expert_parallel"], allow_fallback=args["allow_fallback"], rss_before=rss_before,
+                           quant=resolve(args.get("quantization"), args.get("group_size")))
         model.follow()
     except KeyboardInterrupt:
         return 130

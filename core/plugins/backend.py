@@ -184,7 +184,7 @@ class Backend:
         return self._elapsed_seconds(start, end)
 
     def communicator(self, rank: int, world_size: int, group=None):
-        """The collectives (all_reduce, all_gather, broadcast) for this device's tensors, over an
+        """The collectives (all_reduce, all_gather, gather, broadcast) for this device's tensors, over an
         initialized torch.distributed process group (None: the default group)."""
         from .communicator import Communicator
         return Communicator(rank, world_size, group=group)

@@ -2,8 +2,15 @@
 
 A backend hands one out (`Backend.communicator`) over a process group whose collective backend
 its Capabilities name (gloo on cpu, NCCL on CUDA, RCCL through the NCCL API on ROCm). The
-executor receives `all_reduce` / `all_gather` through its kernel table, so the graph and the
-kernels never see a process group; a single-process model binds neither (no collectives at all).
+executor receives `all_reduce` and `gather` (the logits, to rank 0 only) through its kernel table,
+so the graph and the kernels never see a process group; a single-process model binds neither (no
+collectives at all).
+
+Collective backends: gloo implements every call here on CPU tensors. NCCL (and RCCL through the
+NCCL API) implements all_reduce, all_gather and broadcast natively; `gather` runs over its
+point-to-point send/recv (torch >= 1.11), each rank sending one buffer to `dst`: fine for a
+step's logits, and capturable in a device graph like any NCCL call (what decode graphs under
+tensor parallel would need, with the step broadcast moved off the host).
 """
 
 from __future__ import annotations
@@ -19,11 +26,20 @@ class Communicator:
     def __init__(self, rank: int, world_size: int, group=None):
         self.rank, self.world_size, self.group = rank, world_size, group
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place; returns `t`."""
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or "max") over ranks, in place; returns `t`."""
         import torch.distributed as dist
-        _run(dist.all_reduce, t, group=self.group)
+        _run(dist.all_reduce, t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
         return t
+
+    def gather(self, t: torch.Tensor, dim: int = -1, dst: int = 0) -> torch.Tensor | None:
+        """Every rank's `t` (same shape on all), concatenated along `dim` in rank order, on rank
+        `dst` only; the other ranks get None (they send, and hold no copy of the whole)."""
+        import torch.distributed as dist
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == dst else None
+        _run(dist.gather, t, parts, dst=dst, group=self.group)
+        return None if parts is None else torch.cat(parts, dim=dim)
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's `t` (same shape on all), concatenated along `dim` in rank order."""

@@ -2,7 +2,9 @@
 
 Works on any slice of rows (a shard, one expert, one tensor of a stack), since scales are per row
 and groups never cross rows; a column slice keeps its groups when it starts and ends on a group
-boundary (tensor-parallel shards of a row-parallel weight must cut there).
+boundary (tensor-parallel shards of a row-parallel weight must cut there). A column slice inside
+one group (a per-channel weight split over ranks) quantizes as the whole does when it is given the
+group's `amax` (the max over every rank's part: core/parallel/packed.py all-reduces it).
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from .format import PackedWeight
 from .scheme import QuantSpec
 
 
-def quantize_values(w: torch.Tensor, spec: QuantSpec) -> tuple:
-    """(q int8 [..., out, in], scales fp32 [..., out, groups]) of `w`, computed in fp32."""
+def group_amax(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """max|w| per row and group, fp32 [..., out, groups]."""
+    *lead, cols = w.shape
+    g = spec.groups(cols)
+    return w.float().reshape(*lead, g, cols // g).abs().amax(dim=-1)
+
+
+def quantize_values(w: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> tuple:
+    """(q int8 [..., out, in], scales fp32 [..., out, groups]) of `w`, computed in fp32.
+    `amax`: each group's max|w| when `w` holds only part of its groups' columns (else w's own)."""
     w = w.float()
     *lead, cols = w.shape
     g = spec.groups(cols)
     wg = w.reshape(*lead, g, cols // g)
-    s = wg.abs().amax(dim=-1) / spec.qmax                                     # [..., out, g]
+    s = (wg.abs().amax(dim=-1) if amax is None else amax.float()) / spec.qmax  # [..., out, g]
     safe = torch.where(s == 0, torch.ones_like(s), s)
     q = torch.round(wg / safe.unsqueeze(-1))                                  # round half to even
     q = q.clamp_(-spec.qmax, spec.qmax).masked_fill_((s == 0).unsqueeze(-1), 0)
@@ -33,11 +43,13 @@ def pack(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | None = None,
-             name: str = "weight", out: PackedWeight | None = None) -> PackedWeight:
+             name: str = "weight", out: PackedWeight | None = None,
+             amax: torch.Tensor | None = None) -> PackedWeight:
     """PackedWeight of `w` ([..., out, in]); `dtype` the model's compute dtype (default w's).
-    `out`: write into its data/scales (device storage allocated by the loader)."""
+    `out`: write into its data/scales (device storage allocated by the loader). `amax`: as in
+    quantize_values."""
     spec.check(name, tuple(w.shape))
-    q, s = quantize_values(w, spec)
+    q, s = quantize_values(w, spec, amax)
     data = pack(q, spec)
     if out is None:
         return PackedWeight(data, s, spec, tuple(w.shape), dtype or w.dtype)

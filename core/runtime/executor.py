@@ -170,9 +170,9 @@ class ErnieModel:
         self.backend, self.kernels, self.weights, self.dtype = backend, kernels, weights, dtype
         c = self.config
         self.scale = c.head_dim ** -0.5
-        # tensor-parallel ranks only (core/parallel binds them); a single process has no collectives
+        # tensor-parallel ranks only (core/parallel binds it and gathers the logits); a single
+        # process has no collectives
         self.all_reduce = getattr(kernels, "ops", {}).get("all_reduce")
-        self.all_gather = getattr(kernels, "ops", {}).get("all_gather")
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, meta, kv, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,10 +225,7 @@ class ErnieModel:
     @torch.inference_mode()
     def project(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """float32 logits of hidden rows `h`; ends the step for the weight store."""
-        logits = self.kernels.linear(h, head)
-        if self.all_gather is not None:     # vocabulary-parallel head: every rank's columns, unpadded
-            logits = self.all_gather(logits, dim=-1)[:, :self.config.vocab_size]
-        logits = logits.float()
+        logits = self.kernels.linear(h, head).float()
         self.weights.step_done()
         return logits
 

@@ -230,3 +230,56 @@ def test_each_rank_peaks_at_about_half_the_host_memory_of_one_process(tmp_path):
     ranks = growth(2)
     assert one > 0.9 * weights                       # the single process really holds the model
     assert len(ranks) == 2 and all(r < 0.65 * one for r in ranks), (one, ranks)
+
+
+GATHER_SCRIPT = """
+import json, os, sys, torch
+import ernie_hal
+path, rank = sys.argv[1], int(os.environ["RANK"])
+if rank == 0:
+    m = ernie_hal.load(path, device="cpu", dtype="fp32", tensor_parallel_size=2)
+    logits = m.logits([3, 17, 101, 5])
+    ids = m.generate([3, 17, 101, 5], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids
+    m.close()
+    print(json.dumps({"shape": list(logits.shape), "logits": logits[-1].tolist(), "ids": ids}))
+else:      # a follower built by hand, so its forward's answers can be looked at
+    from ernie_hal.core.model.checkpoint_reader import Checkpoint
+    from ernie_hal.core.parallel.group import join_torchrun, torchrun_env
+    from ernie_hal.core.parallel.model import build_rank
+    backend = ernie_hal.pick_device("cpu")
+    group = join_torchrun(torchrun_env(), "gloo")
+    model = build_rank(Checkpoint.open(path), backend, torch.float32, group, False)
+    answers, forward = [], model.forward
+    model.forward = lambda *a, **k: answers.append(forward(*a, **k))
+    model.follow()
+    group.close(stop=False)
+    print(json.dumps({"steps": len(answers), "none": sum(a is None for a in answers)}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_logits_are_gathered_on_rank_0_only(checkpoints):
+    """Rank 0 gets the full logits (equal to one process's); rank 1's forward sends its columns
+    and answers None at every step."""
+    path = checkpoints["dense"]
+    ref = ernie_hal.load(path, device="cpu", dtype="fp32")
+    want = ref.logits([3, 17, 101, 5])
+    want_ids = ref.generate([3, 17, 101, 5], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", GATHER_SCRIPT, path], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r),
+                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    zero, one = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert zero["shape"] == [4, CONFIGS["dense"].vocab_size] and zero["ids"] == want_ids
+    got = torch.tensor(zero["logits"])
+    assert ((got - want[-1]).abs().max() / want[-1].abs().max()).item() < 1e-5
+    assert one["steps"] >= 4 and one["none"] == one["steps"]    # the logits step and 3 decode steps

@@ -121,3 +121,82 @@ def test_read_slice_equals_slicing_the_whole_tensor(tmp_path, pad, dtype):
         ck.read_slice("w", torch.empty(1, 10), 0, 6, 7)
     ck.close()
     shutil.rmtree(tmp_path / "m")
+
+
+# ---- weight-only quantization per rank ---------------------------------------------------------
+
+QCFG = dict(vocab_size=509, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=64, moe_num_experts=4, moe_k=2,
+            moe_intermediate_size=256, moe_num_shared_experts=2, moe_layer_start_index=1, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("scheme,group,ep", [("wint8", -1, False), ("wint4", 128, False), ("wint4", -1, True),
+                                             ("wint8", 64, True)])
+def test_packed_shards_are_the_slices_of_the_whole_packed_weight(tmp_path, scheme, group, ep):
+    """Every rank's packed slice (read from a quantized checkpoint, or quantized from the float
+    slice where no collective is needed) dequantizes to exactly its rows/columns of the whole
+    packed weight; vocabulary padding rows dequantize to 0."""
+    from ernie_hal.core.model.config import ModelConfig
+    from ernie_hal.core.model.quantized_writer import write_quantized_checkpoint
+    from ernie_hal.core.parallel.packed import alloc_packed, read_shard, rows
+    from ernie_hal.core.quant import resolve
+    from ernie_hal.core.quant.checkpoint import scale_name
+    from ernie_hal.kernels.reference.dequant import dequantize
+    cfg, spec = ModelConfig(**QCFG), resolve(scheme, group)
+    src = write_random_checkpoint(cfg, str(tmp_path / "src"), seed=2, dtype="bfloat16")
+    packed = Checkpoint.open(write_quantized_checkpoint(src, str(tmp_path / "q"), spec))
+    floats = Checkpoint.open(src)
+    graph = build(cfg, untied_head=True, quant=spec)
+    checked = set()
+    for lay in all_layouts(graph, 2, expert_parallel=ep):
+        for ref in graph.weights():
+            s = lay.shards.get(ref.name)
+            if ref.quant is None or s is None:
+                continue
+            whole = dequantize(packed.read(ref.name), packed.read(scale_name(ref.name)), spec.bits)
+            want = whole if s.dim is None else whole.narrow(s.dim, s.start, s.stop - s.start)
+            at_load = spec.group_size != -1 or s.dim != 1    # the per-channel column case needs the group
+            for stored in (True, False) if at_load else (True,):
+                out = alloc_packed(ref, s.shape, torch.float32, None, padded=True)
+                part = rows(out, s.stop - s.start) if s.dim == 0 else out
+                read_shard(packed if stored else floats, ref, s, stored, None, part)
+                got = out.dequantize()
+                assert torch.equal(got[:want.shape[0]], want), (ref.name, lay.rank, stored)
+                assert not got[want.shape[0]:].any()
+            checked.add((s.dim, ref.role))
+    assert {(0, "embed"), (0, "head"), (1, "attn"), (1, "shared_expert")} <= checked
+    assert ((1, "expert") in checked) != ep and ((None, "expert") in checked) == ep
+
+
+def test_groups_across_ranks_are_refused_naming_tensor_sizes_ranks_and_group():
+    from ernie_hal.core.model.config import ModelConfig
+    from ernie_hal.core.parallel.layout import check
+    from ernie_hal.core.quant import resolve
+    g4 = build(ModelConfig(**QCFG), quant=resolve("wint4", 128))
+    check(g4, 2, quant=resolve("wint4", 128))                       # 128 columns per rank: whole groups
+    with pytest.raises(LayoutError, match=r"^model\.layers\.0\.self_attn\.o_proj\.weight: input dimension 256 split "
+                                          r"over tensor_parallel_size 4 is 64 columns per rank, not a multiple of "
+                                          r"group size 128; use a --group-size that divides 64"):
+        check(g4, 4, quant=resolve("wint4", 128))
+    check(g4, 4, quant=resolve("wint8", -1))                        # per channel: any split
+    g300 = build(preset("ernie-4.5-300b-a47b"), quant=resolve("wint4", 128))
+    with pytest.raises(LayoutError, match=r"experts\.0\.down_proj\.weight: input dimension 3584 split over "
+                                          r"tensor_parallel_size 8 is 448 columns .*--expert-parallel"):
+        check(g300, 8, quant=resolve("wint4", 128))
+    check(g300, 8, expert_parallel=True, quant=resolve("wint4", 128))   # whole experts per rank
+
+
+def test_bytes_per_rank_count_packed_integers_and_scales():
+    """The plan at wint8/wint4 is the packed bytes: for 300B-A47B on 8 ranks about half (wint8) and
+    a quarter-plus-scales (wint4) of bf16, and each rank's share sums to the packed model."""
+    from ernie_hal.core.api import parallel_plan
+    from ernie_hal.core.quant import resolve
+    bf16 = parallel_plan("ernie-4.5-300b-a47b", 8)
+    w8 = parallel_plan("ernie-4.5-300b-a47b", 8, quantization="wint8")
+    w4 = parallel_plan("ernie-4.5-300b-a47b", 8, expert_parallel=True, quantization="wint4")
+    assert bf16["quantization"] == "none" and w8["quantization"] == "wint8 per-channel"
+    assert 0.5 < w8["ranks"][0]["bytes"] / bf16["ranks"][0]["bytes"] < 0.51
+    assert 0.26 < w4["ranks"][0]["bytes"] / bf16["ranks"][0]["bytes"] < 0.28
+    whole = build(preset("ernie-4.5-300b-a47b"), quant=resolve("wint8", -1)).total_bytes
+    # norms, routers and the per-channel scales of row-parallel weights are on every rank
+    assert whole <= w8["total_bytes"] < 1.01 * whole
