@@ -200,3 +200,20 @@ def test_bytes_per_rank_count_packed_integers_and_scales():
     whole = build(preset("ernie-4.5-300b-a47b"), quant=resolve("wint8", -1)).total_bytes
     # norms, routers and the per-channel scales of row-parallel weights are on every rank
     assert whole <= w8["total_bytes"] < 1.01 * whole
+
+
+def test_devices_show_plan_prints_packed_bytes_per_rank_and_refuses_in_one_line(capsys):
+    import json
+    from ernie_hal.cli.main import main
+    assert main(["devices", "--show-plan", "--model", "ernie-4.5-300b-a47b", "--tp", "8",
+                 "--quantization", "wint8", "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc["quantization"] == "wint8 per-channel" and len(desc["ranks"]) == 8
+    assert 34 * 2**30 < desc["ranks"][0]["bytes"] < 36 * 2**30
+    assert main(["devices", "--show-plan", "--model", "ernie-4.5-300b-a47b", "--tp", "8",
+                 "--quantization", "wint4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "448 columns per rank, not a multiple of group size 128" in err[0]
+    assert main(["devices", "--show-plan", "--model", "ernie-4.5-300b-a47b", "--tp", "8", "--expert-parallel",
+                 "--quantization", "wint4"]) == 0
+    assert "wint4 g128 (packed integers + fp32 scales)" in capsys.readouterr().out
