@@ -1,7 +1,11 @@
-"""The process's peak resident memory, for load reports, budgets and benchmarks."""
+"""The process's resident memory: its peak, for load reports, budgets and benchmarks, and giving
+freed heap pages back to the system during a load."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 
 
@@ -17,3 +21,22 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # KiB on Linux
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):    # not glibc (musl, macOS): nothing to call
+        return None
+
+
+def release_free_heap() -> None:
+    """Return the free pages inside the C heap to the system (glibc's malloc_trim). A load that
+    allocates and frees many mid-sized temporaries (quantizing a block, a kernel's layout
+    conversion) between the weights it keeps leaves holes the allocator keeps resident; called
+    once per layer they never add up to more than one layer's worth. A no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -302,15 +302,19 @@ class Checkpoint:
             src = src.view(out.shape)
         return self._land(name, src, out, release)
 
-    def _land(self, name: str, src: torch.Tensor, out: torch.Tensor, release: bool) -> torch.Tensor:
-        """Copy `src` (over the mapping) into `out`, then release the tensor's pages if asked."""
+    def _land(self, name: str, src: torch.Tensor, out: torch.Tensor, release, span=None) -> torch.Tensor:
+        """Copy `src` (over the mapping) into `out`, then release the tensor's pages if asked
+        (only bytes [start, stop) of the tensor's data when `span` is given)."""
         if out.device.type != "cpu" and out.dtype != src.dtype:
             # torch would convert on the host into a full-size temporary; convert on the device instead
             out.copy_(src.to(out.device))
         else:
             out.copy_(src)
         del src
-        if release:
+        if release and span is not None:
+            ref = self._refs[name]
+            self._shards[ref.file].drop_pages(ref.offset + span[0], span[1] - span[0])
+        elif release:
             self.release(name)
         return out
 
@@ -318,7 +322,9 @@ class Checkpoint:
                    release: bool = False) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` into `out` (shape of the
         slice; any device, dtype converted). Only the slice's bytes are read from the mapping:
-        a row range is one contiguous span, a column range one span per row."""
+        a row range is one contiguous span, a column range one span per row. `release` drops the
+        pages of a row range alone (a tensor read block by block keeps the rest of its pages),
+        and of the whole tensor for a column range (it touched every row)."""
         ref = self.ref(name)
         shape = list(ref.shape)
         if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
@@ -339,7 +345,9 @@ class Checkpoint:
             last = dim == len(ref.shape) - 1
             src = raw.narrow(dim, start * item if last else start, (stop - start) * (item if last else 1))
             src = src.contiguous().view(ref.dtype)
-        return self._land(name, src.reshape(shape), out, release)
+        row_bytes = ref.nbytes // ref.shape[0]
+        span = (start * row_bytes, stop * row_bytes) if dim == 0 else None
+        return self._land(name, src.reshape(shape), out, release, span)
 
     def view(self, name: str) -> torch.Tensor:
         """Zero-copy CPU tensor over the mapped file. It keeps the mapping alive (even past close())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .format import PackedWeight, empty_packed
-from .quantize import quantize
+from .quantize import block_rows, quantize_rows_into
 from .scheme import QuantError, QuantSpec, from_config, resolve
 
 SCALE_SUFFIX = "_scale"
@@ -75,22 +75,36 @@ def expected_tensors(graph) -> dict:
 def read_packed(ckpt, ref, dtype: torch.dtype, stored: bool, alloc=None, out: PackedWeight | None = None,
                 index: int | None = None) -> PackedWeight:
     """Weight `ref` (a WeightRef with .quant) as a PackedWeight in storage from `alloc`.
-    stored: the checkpoint already holds it packed (read data and scales straight in); else read
-    the float tensor (its own dtype, on the host), quantize it, and drop it: one tensor at a time,
-    so peak host memory is the packed model plus the largest single float tensor.
-    `out`/`index`: fill expert `index` of a packed stack instead of allocating."""
-    pw = out[index] if out is not None else empty_packed(ref.quant, ref.shape, dtype, alloc)
+    stored: the checkpoint already holds it packed (read data and scales straight in); else
+    quantize it from the float tensor (`quantize_from`). `out`/`index`: fill expert `index` of a
+    packed stack instead of allocating; `out` alone: fill that PackedWeight (a fused buffer's rows)."""
+    if out is None:
+        pw = empty_packed(ref.quant, ref.shape, dtype, alloc)
+    else:
+        pw = out if index is None else out[index]
     if stored:
         ckpt.read(ref.name, out=pw.data, release=True)
         ckpt.read(scale_name(ref.name), out=pw.scales, release=True)
     else:
-        w = ckpt.read(ref.name, release=True)
-        q = quantize(w, ref.quant, dtype, name=ref.name)
-        del w
-        pw.data.copy_(q.data)
-        pw.scales.copy_(q.scales)
+        quantize_from(ckpt, ref, pw)
     return out if out is not None else pw
 
 
+def quantize_from(ckpt, ref, pw: PackedWeight) -> None:
+    """Quantize float tensor `ref` of the checkpoint into `pw`, a block of rows at a time: read
+    (Checkpoint.read_slice, its own dtype, on the host), quantize, drop its file pages. Only one
+    block is ever held in float, so peak host memory is the packed model plus a few MiB."""
+    src = ckpt.ref(ref.name)
+    ref.quant.check(ref.name, tuple(src.shape))
+    lead, inner = src.shape[0], tuple(src.shape[1:])
+    per_row = max(1, src.numel // max(lead, 1) // src.shape[-1])     # rows of `in` values per dim-0 index
+    step = max(1, block_rows(src.shape[-1]) // per_row)
+    buf = torch.empty((min(step, lead),) + inner, dtype=src.dtype)
+    for r in range(0, lead, step):
+        block = buf[:min(step, lead - r)]
+        ckpt.read_slice(ref.name, block, 0, r, r + block.shape[0], release=True)
+        quantize_rows_into(block, pw, r * per_row)
+
+
 __all__ = ["SCALE_SUFFIX", "scale_name", "stored_spec", "choose", "packed_shapes", "expected_tensors",
-           "read_packed", "QuantError"]
+           "read_packed", "quantize_from", "QuantError"]

@@ -32,6 +32,7 @@ import torch
 
 from ..plugins.backend import Backend
 from ..quant.checkpoint import read_packed
+from ..rss import release_free_heap
 from ..quant.format import empty_packed
 from ..model.graph import ModelGraph
 from ..plugins.kernel_table import KernelTable
@@ -65,10 +66,20 @@ class ResidentWeights:
         self.progress = progress
         self.prepare = prepare or (lambda w, role=None: w)   # kernel table's prepare_weight (quantized models)
         self.stored_quant = stored_quant          # the checkpoint holds packed weights already
-        self.layers = [self._load_block(b) for b in graph.blocks]
+        self.layers = []
+        for b in graph.blocks:
+            self.layers.append(self._load_block(b))
+            self._trim()
         self.embed = self._load(graph.embed)
         self.final_norm = self._load(graph.final_norm)
         self.head = self.embed if graph.tied else self._load(graph.head)
+        self._trim()
+
+    def _trim(self):
+        """Quantizing at load frees a block's temporaries between the weights it keeps: give
+        those heap pages back so they do not pile up layer after layer (core/rss.py)."""
+        if self.graph.quant is not None:
+            release_free_heap()
 
     def _load(self, ref, dtype=None):
         if ref.quant is not None:

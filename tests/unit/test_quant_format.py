@@ -84,3 +84,18 @@ def test_load_with_bad_group_size_is_one_line(capsys):
     assert main(["generate", "hi", "--device", "cpu", "--quantization", "wint8", "--group-size", "48",
                  "--max-new-tokens", "1"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint4", 32)])
+def test_row_blocks_quantize_exactly_as_one_pass(monkeypatch, scheme, group):
+    """quantize works a block of rows at a time (no whole-tensor fp32 copy); rows are computed
+    alone, so blocks of any size give the one-pass values bit for bit."""
+    import importlib
+    qmod = importlib.import_module("ernie_hal.core.quant.quantize")   # the module, not the function
+    spec = resolve(scheme, group)
+    w = torch.randn(3, 37, 128, dtype=torch.bfloat16)            # a stack; 37 rows cut unevenly
+    q, s = qmod.quantize_values(w, spec)
+    one_pass = qmod.pack(q, spec)
+    monkeypatch.setattr(qmod, "BLOCK_VALUES", 5 * 128)           # 5 rows a block
+    pw = quantize(w, spec)
+    assert torch.equal(pw.data, one_pass) and torch.equal(pw.scales, s)

@@ -368,3 +368,28 @@ def test_directory_problems(tmp_path, single):
     os.remove(os.path.join(single, "config.json"))
     with pytest.raises(ConfigError, match="needs a config.json"):
         Checkpoint.open(single)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.path.exists("/proc/self/smaps"),
+                    reason="needs Linux madvise/posix_fadvise")
+def test_read_slice_of_rows_releases_only_those_rows(tmp_path):
+    # a tensor read block by block (quantize at load) must keep the pages of the rows not read yet
+    cfg = preset("tiny").replace(vocab_size=65536, hidden_size=256, intermediate_size=256,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    path = write_random_checkpoint(cfg, tmp_path / "big")
+    proc = psutil.Process()
+    with Checkpoint.open(path) as ck:
+        half = ck.ref(EMBED).shape[0] // 2
+        out = torch.ones(half, 256, dtype=ck.ref(EMBED).dtype)      # resident before measuring
+        view = ck.view(EMBED)
+        assert view.sum() != 0                                       # fault all 32 MiB in
+        expected = view[:half].clone()
+        del view
+        touched = proc.memory_info().rss
+        ck.read_slice(EMBED, out, 0, 0, half, release=True)
+        first = proc.memory_info().rss
+        assert torch.equal(out, expected)
+        ck.read_slice(EMBED, out, 0, half, 2 * half, release=True)
+        second = proc.memory_info().rss
+    assert 12 * 2**20 < touched - first < 20 * 2**20      # half of the 32 MiB dropped, not all of it
+    assert first - second > 12 * 2**20
