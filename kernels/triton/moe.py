@@ -141,8 +141,10 @@ def _launch_route(x, router_weight, correction_bias, top_k, norm_min):
     return weights, ids
 
 
-def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, shared_out=None):
-    """Routed experts (+ shared_out [T, H] if given) -> [T, H] in x.dtype."""
+def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, shared_out=None,
+                    gemms=None):
+    """Routed experts (+ shared_out [T, H] if given) -> [T, H] in x.dtype. `gemms` launches the
+    two grouped GEMMs of a chunk (default: float weights; moe_wint.py passes the packed ones)."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, I, H_w = w_gate.shape
@@ -160,22 +162,40 @@ def _launch_experts(buckets, x, topk_weights, topk_ids, w_gate, w_up, w_down, sh
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         _experts_chunk(cfg, x[t0:t1], w_flat[t0 * k:t1 * k], topk_ids[t0:t1], w_gate, w_up, w_down,
-                       h, y, out[t0:t1], None if shared_out is None else shared_out[t0:t1])
+                       h, y, out[t0:t1], None if shared_out is None else shared_out[t0:t1], gemms or _float_gemms)
     return out
 
 
-def _experts_chunk(cfg, x, w_flat, topk_ids, w_gate, w_up, w_down, h, y, out, shared_out):
+def _experts_chunk(cfg, x, w_flat, topk_ids, w_gate, w_up, w_down, h, y, out, shared_out, gemms):
     """align -> gate+up -> down -> combine for one chunk of tokens, into the shared h and y."""
     T, H = x.shape
     k = topk_ids.shape[1]
-    E, I, _ = w_gate.shape
+    E = w_gate.shape[0]
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg["BLOCK_M"], E)
+    gemms(cfg, x, k, w_flat, sorted_ids, expert_ids, num_post, w_gate, w_up, w_down, h, y)
+
+    block_n = min(1024, triton.next_power_of_2(H))
+    moe_combine_kernel[(T, triton.cdiv(H, block_n))](
+        y, shared_out if shared_out is not None else y, out, H, y.stride(0),
+        shared_out.stride(0) if shared_out is not None else 0, out.stride(0),
+        TOP_K=k, HAS_SHARED=shared_out is not None, BLOCK_N=block_n, num_warps=4)
+
+
+def gemm_flags(cfg: dict, dtype: torch.dtype) -> dict:
+    """The tile and precision constexprs both grouped GEMMs take."""
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                DOT_FP32=INTERPRET, IEEE=dtype == torch.float32 and not INTERPRET)
+
+
+def _float_gemms(cfg, x, k, w_flat, sorted_ids, expert_ids, num_post, w_gate, w_up, w_down, h, y):
+    """gate+up (SwiGLU fused) into h, down (routing weight applied) into y: float weights."""
+    T, H = x.shape
+    I = w_gate.shape[1]
     opts = launch_options(cfg)
-    BM, BN, BK, GM = (cfg[key] for key in TILE_KEYS)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, BM, E)
+    BN = cfg["BLOCK_N"]
     num_pid_m = expert_ids.numel()
     n = T * k
-    flags = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, DOT_FP32=INTERPRET,
-                 IEEE=x.dtype == torch.float32 and not INTERPRET)
+    flags = gemm_flags(cfg, x.dtype)
 
     moe_gate_up_kernel[(num_pid_m * triton.cdiv(I, BN),)](
         x, w_gate, w_up, h, sorted_ids, expert_ids, num_post, I, H, n, num_pid_m,
@@ -185,12 +205,6 @@ def _experts_chunk(cfg, x, w_flat, topk_ids, w_gate, w_up, w_down, h, y, out, sh
     moe_down_kernel[(num_pid_m * triton.cdiv(H, BN),)](
         h, w_down, y, w_flat, sorted_ids, expert_ids, num_post, H, I, n, num_pid_m,
         h.stride(0), h.stride(1), *w_down.stride(), y.stride(0), y.stride(1), **flags, **opts)
-
-    block_n = min(1024, triton.next_power_of_2(H))
-    moe_combine_kernel[(T, triton.cdiv(H, block_n))](
-        y, shared_out if shared_out is not None else y, out, H, y.stride(0),
-        shared_out.stride(0) if shared_out is not None else 0, out.stride(0),
-        TOP_K=k, HAS_SHARED=shared_out is not None, BLOCK_N=block_n, num_warps=4)
 
 
 def make_moe_route(config=None):
