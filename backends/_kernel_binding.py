@@ -48,6 +48,14 @@ TRITON_OPS = {
     # weight-only quantized (the op takes PackedWeights; op_key names it "<op>.<scheme>")
     "linear.wint8": ("wlinear", "make_linear_wint"),
     "linear.wint4": ("wlinear", "make_linear_wint"),
+    "swiglu_mlp.wint8": ("swiglu_wint", "make_swiglu_mlp_wint"),
+    "swiglu_mlp.wint4": ("swiglu_wint", "make_swiglu_mlp_wint"),
+    "moe_experts.wint8": ("moe_wint", "make_moe_experts_wint"),
+    "moe_experts.wint4": ("moe_wint", "make_moe_experts_wint"),
+    "moe.wint8": ("moe_wint", "make_moe_wint"),
+    "moe.wint4": ("moe_wint", "make_moe_wint"),
+    "embedding.wint8": ("embedding_wint", "make_embedding_wint"),
+    "embedding.wint4": ("embedding_wint", "make_embedding_wint"),
 }
 
 # Ops the vendor libraries already run well; the backend binds the torch op natively.
@@ -58,8 +66,6 @@ TORCH_OPS = {
     # packed weights stay in the reference layout: the Triton kernels read data/scales directly
     "prepare_weight.wint8": "the Triton kernels read the packed int8 layout as it is",
     "prepare_weight.wint4": "the Triton kernels read the packed int4 layout as it is",
-    "embedding.wint8": "a gather of the rows read, dequantized (memory-bound)",
-    "embedding.wint4": "a gather of the rows read, dequantized (memory-bound)",
 }
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -284,12 +290,17 @@ def config_dir_of(module_file: str) -> str:
 # ---- implementations any backend may list beside "triton" and "reference" -------------------
 def composed_moe(binder: "KernelBinder"):
     """"composed": moe from this backend's own moe_route, moe_experts and swiglu_mlp choices,
-    for a device that runs some parts natively and others on the reference (ixuca's router)."""
+    for a device that runs some parts natively and others on the reference (ixuca's router).
+    "moe.wint4" composes the packed parts ("moe_experts.wint4", "swiglu_mlp.wint4"); the router
+    takes no packed weight."""
 
     def build(backend, op, entry, dtype):
-        if op != "moe":
+        base, dot, scheme = op.partition(".")
+        if base != "moe":
             raise Unavailable(f"'composed' only builds moe, not {op}")
-        parts = {p: binder.choice(backend, p, dtype) for p in ("moe_route", "moe_experts", "swiglu_mlp")}
+        names = {"moe_route": "moe_route", "moe_experts": f"moe_experts{dot}{scheme}",
+                 "swiglu_mlp": f"swiglu_mlp{dot}{scheme}"}
+        parts = {p: binder.choice(backend, name, dtype) for p, name in names.items()}
         missing = [f"{p} ({c.reason})" for p, c in parts.items() if c.fn is None]
         if missing:
             raise Unavailable("parts not bound: " + "; ".join(missing))

@@ -164,9 +164,10 @@ def _table(title: str, rows: list, is_absent: bool) -> str:
             impls.setdefault(r.op, r.impl)
     notes: dict = {}
     width = max([len(s) for _, s in grid] + [5])
-    lines = [f"\n{title}", f"{'op':<14} {'shape':<{width}}  " + "  ".join(f"{d:<16}" for d in dtypes)]
+    op_width = max([len(op) for op, _ in grid] + [14])     # "swiglu_mlp.wint4"
+    lines = [f"\n{title}", f"{'op':<{op_width}} {'shape':<{width}}  " + "  ".join(f"{d:<16}" for d in dtypes)]
     for (op, shape), cells in grid.items():
-        lines.append(f"{op:<14} {shape:<{width}}  " +
+        lines.append(f"{op:<{op_width}} {shape:<{width}}  " +
                      "  ".join(f"{_cell(cells[d], notes) if d in cells else '-':<16}" for d in dtypes))
     if impls:
         lines.append("implementations: " + ", ".join(f"{op}={impl}" for op, impl in impls.items()))

@@ -25,7 +25,8 @@ from ..plugins.kernel_table import OPS
 from ..quant import PackedWeight, quantize, resolve
 
 # weight-only quantized ops: the op's kernel for a model whose weights are packed (core/quant)
-QUANT_OPS = ("linear.wint8", "linear.wint4")
+QUANT_OPS = ("linear.wint8", "linear.wint4", "swiglu_mlp.wint8", "swiglu_mlp.wint4", "moe_experts.wint8",
+             "moe_experts.wint4", "moe.wint8", "moe.wint4", "embedding.wint8", "embedding.wint4")
 
 # (atol, rtol) per dtype: |got - want| <= atol + rtol * |want| against the float64 oracle, for
 # outputs of order one. Wide enough for the reference itself run in that dtype (the cpu row).
@@ -193,6 +194,40 @@ def _wlinear_args(T, K, N, scheme, group):
     return make
 
 
+def _packed(ws, scheme, group, dtype):
+    """fp32 weights -> PackedWeights of `scheme` (a stack stays one stacked PackedWeight)."""
+    return tuple(quantize(w.float(), resolve(scheme, group), dtype) for w in ws)
+
+
+def _wswiglu_args(T, H, I, scheme, group):
+    def make(dtype, g):
+        return [_rand(g, T, H, dtype=dtype), *_packed(_mlp_weights(g, H, I, torch.float32), scheme, group, dtype)]
+    return make
+
+
+def _wexperts_args(T, H, I, E, k, scheme, group):
+    def make(dtype, g):
+        x, w, ids, *experts = _experts_args(T, H, I, E, k)(torch.float32, g)
+        return [x.to(dtype), w.to(dtype), ids, *_packed(experts, scheme, group, dtype)]
+    return make
+
+
+def _wmoe_args(T, H, I, E, k, scheme, group, shared_I=0):
+    def make(dtype, g):
+        x, router, b = _router(g, T, H, E, dtype, True)
+        experts = _packed(_mlp_weights(g, H, I, torch.float32, E), scheme, group, dtype)
+        shared = _packed(_mlp_weights(g, H, shared_I, torch.float32), scheme, group, dtype) if shared_I else None
+        return [x, router, b, *experts, k, 1e-12, shared]
+    return make
+
+
+def _wembedding_args(T, V, H, scheme, group):
+    def make(dtype, g):
+        ids = torch.cat([torch.randint(0, V, (T - 2,), generator=g), torch.tensor([0, V - 1])])  # both ends
+        return [ids, quantize(_rand(g, V, H, dtype=torch.float32), resolve(scheme, group), dtype)]
+    return make
+
+
 # Every parametrized shape names the edge it covers. Tiny by default: the Triton interpreter
 # runs every program in numpy. `slow` ones are the production widths.
 CASES = (
@@ -204,6 +239,24 @@ CASES = (
     Case("linear.wint8", "T=40 256->72 g32 (GEMM tiles, ragged rows)", _wlinear_args(40, 256, 72, "wint8", 32)),
     Case("linear.wint4", "T=1 256->72 g128 (GEMV tiles)", _wlinear_args(1, 256, 72, "wint4", 128)),
     Case("linear.wint4", "T=40 256->72 per channel (GEMM tiles)", _wlinear_args(40, 256, 72, "wint4", -1)),
+    Case("swiglu_mlp.wint8", "T=1 H=64 I=96 per channel (decode GEMV, I not a power of two)",
+         _wswiglu_args(1, 64, 96, "wint8", -1)),
+    Case("swiglu_mlp.wint4", "T=20 H=64 I=128 g32 (GEMM tiles, ragged rows)", _wswiglu_args(20, 64, 128, "wint4", 32)),
+    Case("moe_experts.wint8", "T=5 E=8 k=2 H=64 I=32 g32 (experts with no token)",
+         _wexperts_args(5, 64, 32, 8, 2, "wint8", 32)),
+    Case("moe_experts.wint4", "T=3 E=16 k=1 H=64 I=64 per channel (most experts empty)",
+         _wexperts_args(3, 64, 64, 16, 1, "wint4", -1)),
+    Case("moe.wint8", "T=6 E=8 k=2 H=64 I=32 per channel + shared (tiny-moe)",
+         _wmoe_args(6, 64, 32, 8, 2, "wint8", -1, 64)),
+    Case("moe.wint8", "T=1 E=8 k=2 H=128 I=64 g64 + shared (decode)", _wmoe_args(1, 128, 64, 8, 2, "wint8", 64, 64)),
+    Case("moe.wint4", "T=5 E=7 k=3 H=64 I=64 g32 (odd E, no shared)", _wmoe_args(5, 64, 64, 7, 3, "wint4", 32)),
+    Case("moe.wint4", "T=1 E=8 k=2 H=128 I=128 g128 + shared (decode, default group)",
+         _wmoe_args(1, 128, 128, 8, 2, "wint4", 128, 128)),
+    Case("moe.wint4", "T=64 E=64 k=6 H=256 I=128 g128 + shared (21B-A3B routing)",
+         _wmoe_args(64, 256, 128, 64, 6, "wint4", 128, 256), slow=True),
+    Case("embedding.wint8", "T=7 V=100 H=96 per channel (H not a power of two, first and last rows)",
+         _wembedding_args(7, 100, 96, "wint8", -1)),
+    Case("embedding.wint4", "T=7 V=100 H=64 g32 (first and last rows)", _wembedding_args(7, 100, 64, "wint4", 32)),
     Case("rms_norm", "T=1 H=64 (one decode row)", _norm_args(1, 64, False)),
     Case("rms_norm", "T=7 H=96 (H not a power of two)", _norm_args(7, 96, False)),
     Case("rms_norm", "T=256 H=2560 (21B-A3B hidden)", _norm_args(256, 2560, False), slow=True),
@@ -353,7 +406,8 @@ def run_case(registry, backend, case: Case, dtype: torch.dtype, forced: bool = F
     if "." in case.op:      # packed weights in the layout the backend's kernels read (bound at load)
         prep, _ = native_kernel(registry, backend, "prepare_weight." + case.op.split(".")[1], dtype)
         if prep is not None:
-            dev_args = [prep(a) if isinstance(a, PackedWeight) else a for a in dev_args]
+            role = "embed" if case.op.startswith("embedding.") else None   # a lookup reads rows
+            dev_args = _prepared(dev_args, lambda w: prep(w, role))
     try:
         result = fn(*dev_args)
         backend.synchronize()
@@ -363,6 +417,15 @@ def run_case(registry, backend, case: Case, dtype: torch.dtype, forced: bool = F
     atol, rtol = tolerance(fn, dtype)
     ok, err, why = compare(got, want, atol, rtol)
     return Result(**row, status="pass" if ok else "fail", max_error=err, reason=why, impl=impl)
+
+
+def _prepared(x, prep):
+    """Every PackedWeight in a (nested) call argument through prepare_weight (moe's shared MLP)."""
+    if isinstance(x, PackedWeight):
+        return prep(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_prepared(t, prep) for t in x)
+    return x
 
 
 def _oracle_dtype(args) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel_table import OPS, OpSpec, implementation_label
+from .kernel_table import OPS, WEIGHT_OPS, OpSpec, implementation_label
 
 _REFERENCE = __name__.split(".")[0] + ".kernels.reference"   # "ernie_hal.kernels.reference"
 
@@ -28,10 +28,11 @@ def impl_of(fn) -> str:
     return "reference" if label.startswith(_REFERENCE) else label
 
 
-def bindings(registry, backend, dtype: torch.dtype = torch.float32) -> dict:
-    """op -> "impl" or "reference (fallback: reasons)": which implementation each op runs."""
+def bindings(registry, backend, dtype: torch.dtype = torch.float32, scheme: str | None = None) -> dict:
+    """op -> "impl" or "reference (fallback: reasons)": which implementation each op runs.
+    `scheme` ("wint8", "wint4"): the ops that take packed weights, for a model quantized so."""
     out = {}
-    for op in OPS:
-        fn, why = native_kernel(registry, backend, op, dtype)
+    for op in OPS if scheme is None else [op for op in OPS if op in WEIGHT_OPS]:
+        fn, why = native_kernel(registry, backend, f"{op}.{scheme}" if scheme else op, dtype)
         out[op] = impl_of(fn) if fn is not None else f"reference (fallback: {why})"
     return out

@@ -59,13 +59,13 @@ def _kernel_sources(registry, backend) -> dict:
 
 
 def _quant_kernels(registry, backend) -> dict:
-    """Weight-only schemes this device loads, each with the linear / moe kernels it binds."""
+    """Per weight-only scheme, the implementation each op that takes packed weights binds
+    (embedding, linear, swiglu_mlp, moe_experts, moe), or "reference (fallback: why)"."""
     out = {}
-    for scheme, group in (("wint8", -1), ("wint4", 128)):
-        spec = OpSpec(dtype=torch.float32, facts=(("group_size", group), ("quantization", scheme)))
+    for scheme in ("wint8", "wint4"):
         try:
-            t = registry.kernel_table(backend, spec)
-            out[scheme] = {op: t.sources[op] for op in ("linear", "moe", "embedding")}
+            from .binding_report import bindings
+            out[scheme] = bindings(registry, backend, torch.float32, scheme)
         except Exception as e:
             out[scheme] = {"error": str(e)}
     return out

@@ -42,6 +42,15 @@ def block_k_for(block_k: int, group: int, K: int) -> int:
     return min(block_k, group)
 
 
+def gate_up_shared_memory(cfg: dict, itemsize: int = 2) -> int:
+    """Shared memory (LDS on AMD) one packed gate+up program may hold: num_stages buffers of the
+    A tile and its two packed B tiles (one byte per value: wint4 reads each byte for both of its
+    columns), plus the two dequantized B tiles in the activation dtype where the compiler stages
+    the dot operand through shared memory. The down kernel holds less."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return cfg["num_stages"] * (bm * bk * itemsize + 2 * bk * bn) + 2 * bk * bn * itemsize
+
+
 def _strides(w) -> tuple:
     return (*w.data.stride(), *w.scales.stride())
 

@@ -21,6 +21,8 @@ def wlinear_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm[:, None] < M
     n_ok = rn[:, None] < N
+    rm = rm.to(tl.int64)      # row offsets past 2**31 elements: a long prefill's [M, vocab] logits
+    rn = rn.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)

@@ -47,6 +47,19 @@ def test_every_table_device_binds_every_op_natively(name, device):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("name,device", [(n, s.name) for n, table in TABLES.items() for s in table])
+def test_every_table_device_binds_the_packed_ops_natively(name, device):
+    """A quantized model: embedding, linear, swiglu_mlp, moe_experts and moe take packed weights,
+    and every device binds its own Triton kernels for them (its merged configs accepted)."""
+    backend = emulate(name, device, REG)
+    for scheme in ("wint8", "wint4"):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            impls = conf.bindings(REG, backend, dt, scheme)
+            assert set(impls) == {"embedding", "linear", "swiglu_mlp", "moe_experts", "moe"}
+            assert all(impl in ("triton", "triton+reference") for impl in impls.values()), (scheme, dt, impls)
+
+
+@needs_interpreter
 def test_implementations_per_backend():
     cuda, rocm, ixuca = (emulate(n, None, REG) for n in ("cuda", "rocm", "ixuca"))
     native_torch = {"embedding", "linear", "kv_cache_write"}

@@ -30,7 +30,7 @@ EMULATED = (
     ("cuda", "H100", None, False),
     ("cuda", "A100", None, True),
     ("rocm", "MI300X", None, False),
-    ("rocm", "MI355X", ("gqa_attention", "moe_experts", "moe", "model"), False),
+    ("rocm", "MI355X", ("gqa_attention", "moe_experts", "moe", "moe.wint8", "moe.wint4", "model"), False),
     ("ixuca", "BI-V150", None, False),
 )
 # Checked when this module is imported, after conftest.py has set (or not) TRITON_INTERPRET.

@@ -37,3 +37,20 @@ def test_triton_moe_layer_is_one_router_launch_and_no_router_gemm():
     moe, dense = r["per_layer_ops"]["moe"], r["per_layer_ops"]["dense"]
     assert moe["triton.moe_router_kernel"] == 1 and moe["aten.linear"] == dense["aten.linear"]
     assert r["per_layer"] == {"dense": 10, "moe": 15} and r["host_syncs"] == 0
+
+
+def test_quantized_layers_launch_only_triton_kernels():
+    """The emulated cuda binding of a wint4 model: every launch of a decoder layer is a Triton
+    kernel (no torch op dequantizing a weight), the packed experts one gate+up and one down launch,
+    the lookup one kernel, and no host sync."""
+    from ernie_hal.core.plugins.emulate import emulate, interpreter_problem
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    model = ernie_hal.load("tiny-moe", device=emulate("cuda", "H100"), dtype="fp32", quantization="wint4",
+                           group_size=32, allow_fallback=False)
+    r = decode_step_launches(model, batch=1)
+    for ops in r["per_layer_ops"].values():
+        assert all(k.startswith("triton.") for k in ops), ops
+    moe = r["per_layer_ops"]["moe"]
+    assert moe["triton.moe_gate_up_wint_kernel"] == moe["triton.moe_down_wint_kernel"] == 1
+    assert r["kernels"]["embed"]["triton.embedding_wint_kernel"] == 1 and r["host_syncs"] == 0

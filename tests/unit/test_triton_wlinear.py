@@ -37,14 +37,17 @@ def test_matches_reference(scheme, group, rows, dtype):
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < TOL[dtype]
 
 
-def test_quantized_model_on_an_emulated_gpu_binds_the_triton_linear():
-    """The whole tiny MoE model at wint8 on the cuda backend's kernels (Triton under the
-    interpreter; swiglu / moe / embedding on the reference, fallback allowed) equals the cpu run."""
+@pytest.mark.parametrize("scheme,group", [("wint8", None), ("wint4", 32)])
+def test_quantized_model_on_an_emulated_gpu_binds_the_triton_kernels(scheme, group):
+    """The whole tiny MoE model, quantized, on the cuda backend's kernels (Triton under the
+    interpreter, no fallback: packed linear, embedding, shared-expert MLP and fused MoE) equals the
+    cpu run."""
     import ernie_hal
     from ernie_hal.backends.cuda.plugin import emulated_backend
     ids = [3, 17, 101, 5, 250, 9]
-    gpu = ernie_hal.load("tiny-moe", device=emulated_backend(), dtype="fp32", quantization="wint8")
-    assert gpu.kernels["linear"] == "triton"
-    cpu = ernie_hal.load("tiny-moe", device="cpu", dtype="fp32", quantization="wint8")
+    gpu = ernie_hal.load("tiny-moe", device=emulated_backend(), dtype="fp32", quantization=scheme,
+                         group_size=group, allow_fallback=False)
+    assert all(gpu.kernels[op] == "triton" for op in ("linear", "embedding", "swiglu_mlp", "moe")), gpu.kernels
+    cpu = ernie_hal.load("tiny-moe", device="cpu", dtype="fp32", quantization=scheme, group_size=group)
     a, b = gpu.logits(ids), cpu.logits(ids)
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
