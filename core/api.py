@@ -165,13 +165,14 @@ class Model:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.8,
-                 top_k: int = 0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
+                 top_k: int = 0, min_p: float = 0.0, seed: int | None = None, chat: bool = False, stop_token_ids=(),
                  ignore_eos: bool = False, on_token=None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
                  prompt_logprobs: int | None = None, json_schema=None, grammar=None):
         """Text, token ids, or (with chat=True) a conversation as a list of {"role", "content"}
         messages in; Completion(s) out: one for a single prompt, a list for a list of them.
-        temperature=0 is greedy. on_token(index, token_id) is called as tokens are produced.
+        temperature=0 is greedy; min_p drops tokens less likely than min_p x the most likely.
+        on_token(index, token_id) is called as tokens are produced.
         Penalties: presence and frequency (OpenAI's, on generated tokens), repetition (Hugging
         Face's, on prompt and generated tokens); they apply to greedy decoding too. `logprobs=k`
         adds each token's log-probability under the model (before penalties and temperature) and
@@ -185,7 +186,7 @@ class Model:
         batch = [prompts] if single else list(prompts)
         ids = [self.encode(p, chat=chat) for p in batch]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, stop_token_ids=tuple(stop_token_ids),
+                                top_k=top_k, min_p=min_p, seed=seed, stop_token_ids=tuple(stop_token_ids),
                                 ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)

@@ -79,7 +79,7 @@ class Server:
             max_new_tokens=max_tokens,
             temperature=float(req.temperature if req.temperature is not None else d["temperature"]),
             top_p=float(req.top_p if req.top_p is not None else d["top_p"]),
-            top_k=max(0, top_k), seed=None if req.seed is None else req.seed % 2**63,
+            top_k=max(0, top_k), min_p=float(req.min_p or 0.0), seed=None if req.seed is None else req.seed % 2**63,
             ignore_eos=req.ignore_eos, logprobs=logprobs_count(req),
             prompt_logprobs=logprobs_count(req) if echo else None,
             **{name: float(getattr(req, name) if getattr(req, name) is not None else d[name])

@@ -4,7 +4,7 @@ Validation errors are 400 (as vLLM answers them; OpenAI's own API does too), nev
 422: malformed JSON, a body that is not an object, a field of the wrong type, a value out of
 range. Fields we do not know are ignored, as vLLM does; fields we know but do not implement
 (suffix, logit_bias, echo with stream, ...) are refused with 400 when set to a non-default.
-Extensions, as vLLM spells them: `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`.
+Extensions, as vLLM spells them: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `return_token_ids`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class _Common(_Strict):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     stop: Any = None
     n: int = 1
@@ -137,6 +138,8 @@ def check_common(req: _Common) -> None:
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", param="top_p")
     if req.top_k is not None and req.top_k < -1:
         raise APIError(400, f"top_k must be -1 or 0 (off) or a positive integer, got {req.top_k}", param="top_k")
+    if req.min_p is not None and not 0 <= req.min_p <= 1:
+        raise APIError(400, f"min_p must be in [0, 1] (0 = off), got {req.min_p}", param="min_p")
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.stream_options is not None and not req.stream:

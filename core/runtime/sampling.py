@@ -1,5 +1,6 @@
-"""Sampling parameters and the token samplers (penalties, greedy, temperature, top-k, top-p, seeded):
-`sample` for one row on the cpu (the oracle), `sample_batch` for a whole step where the logits are."""
+"""Sampling parameters and the token samplers (penalties, greedy, temperature, top-k, top-p, min-p,
+seeded): `sample` for one row on the cpu (the oracle), `sample_batch` for a whole step where the
+logits are (top-p and min-p from a bounded candidate set: core/runtime/nucleus.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .nucleus import CANDIDATES, draw, rank
 
 MAX_LOGPROBS = 20
 
@@ -21,6 +23,7 @@ class SamplingParams:
     temperature: float = 0.8      # Baidu's generation_config.json default; 0 = greedy
     top_p: float = 0.8
     top_k: int = 0                # 0 = off
+    min_p: float = 0.0            # drop tokens less likely than min_p x the most likely; 0 = off
     seed: int | None = None
     stop_token_ids: tuple = field(default=())
     ignore_eos: bool = False
@@ -45,6 +48,8 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise SamplingError(f"{name} must be in [-2, 2] (0 = off), got {getattr(self, name)}")
@@ -93,8 +98,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids=(),
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            prompt_ids=(), output_ids=()) -> int:
     """One token from float32 logits [V] of a sequence with these prompt and output ids (for the
-    penalties). Sampling runs on the CPU so a seed gives the same tokens whichever device
-    computed the logits."""
+    penalties), by a full sort: the oracle of `sample_batch`. Sampling runs on the CPU so a seed
+    gives the same tokens whichever device computed the logits. The rule (nucleus.py): sorted by
+    probability, keep the prefix before the first token that top-p or min-p drops; draw one
+    uniform u and take the first kept token whose running sum exceeds u x the kept mass."""
     if params.penalized:
         logits = apply_penalties(logits.cpu(), params, prompt_ids, output_ids)
     if params.greedy:
@@ -103,15 +110,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token when the tokens before it already cover top_p (the first always stays)
-        drop = (torch.cumsum(probs, dim=-1) - probs) > params.top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.empty_like(scores).scatter_(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    ids = torch.arange(probs.numel())
+    if params.top_p < 1.0 or params.min_p > 0:
+        probs, ids = torch.sort(probs, descending=True, stable=True)
+    cum = probs.double().cumsum(dim=-1)
+    drop = ((cum - probs) > params.top_p) if params.top_p < 1.0 else torch.zeros_like(probs, dtype=torch.bool)
+    drop |= probs < params.min_p * probs.max()
+    kept = int(drop.to(torch.uint8).argmax()) if drop.any() else probs.numel()
+    u = torch.rand((), dtype=torch.float64, generator=generator)
+    mass = cum[kept - 1]
+    x = torch.minimum(u * mass, torch.nextafter(mass, torch.zeros_like(mass)))    # below the mass
+    j = int(torch.searchsorted(cum, x[None], right=True))
+    return int(ids[j])
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
@@ -126,11 +137,11 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
 
 # ---- the batched sampler: the whole batch on the logits' device -------------------------------
 # One call per step over logits [B, V] wherever they were computed; only the token ids (and the
-# requested logprobs) come back to the host. Row for row it computes what `sample` computes, op
-# for op, so greedy ids and seeded ids are identical to the per-row sampler on the cpu:
-# torch.multinomial(p, 1, generator=g) is argmax(p / q) with q = empty_like(p).exponential_(g)
-# (aten/src/ATen/native/Distributions.cpp, the Gumbel-max fast path), so a seeded row draws its q
-# from its own cpu generator, as before, and only q travels; unseeded rows draw on the device.
+# requested logprobs) come back to the host. Row for row it applies the rule of `sample`: greedy
+# ids are the same, and a seeded row draws its one uniform per token from its own cpu generator
+# (only u travels; unseeded rows draw on the device), so seeded ids are the oracle's too. Top-p
+# and min-p rows take their kept set from a bounded candidate set where that is provably the full
+# sort's (core/runtime/nucleus.py); rows with neither draw over all V tokens in id order.
 # A grammar mask (structured decoding) is applied to `logits` before this call: the seam is
 # logits [B, V] on the device in, ids out.
 
@@ -178,8 +189,8 @@ def apply_penalties_batch(logits: torch.Tensor, params: list, prompt_ids: list, 
     return scores
 
 
-def _filtered(scores: torch.Tensor, params: list) -> torch.Tensor:
-    """Temperature, top-k and top-p of `sample`, per row, on scores [B, V] (float32)."""
+def _tempered(scores: torch.Tensor, params: list) -> torch.Tensor:
+    """Temperature and top-k of `sample`, per row, on scores [B, V] (float32)."""
     B, V = scores.shape
     dev = scores.device
     scores = scores / _column([p.temperature for p in params], torch.float32, dev)
@@ -189,34 +200,48 @@ def _filtered(scores: torch.Tensor, params: list) -> torch.Tensor:
         kth = top.gather(1, _column([max(k, 1) - 1 for k in ks], torch.long, dev))
         on = _column([k > 0 for k in ks], torch.bool, dev)
         scores = scores.masked_fill(on & (scores < kth), float("-inf"))
-    if any(p.top_p < 1.0 for p in params):
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        top_p = _column([p.top_p for p in params], torch.float32, dev)
-        drop = ((torch.cumsum(probs, dim=-1) - probs) > top_p) & (top_p < 1.0)
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.empty_like(scores).scatter_(1, order, sorted_scores)
     return scores
 
 
-def _exponentials(probs: torch.Tensor, generators: list) -> torch.Tensor:
-    """q ~ Exp(1) per row: from the row's cpu generator when seeded (the draws multinomial would
-    make), else from the device's default generator."""
-    q = torch.empty_like(probs).exponential_()
+def _uniforms(generators: list, device) -> torch.Tensor:
+    """u ~ U[0, 1) float64 per row: from the row's cpu generator when seeded, else the device's."""
+    u = torch.rand(len(generators), dtype=torch.float64, device=device)
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if seeded:
-        host = torch.stack([torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generators[i])
-                            for i in seeded])
-        q[torch.tensor(seeded, device=probs.device)] = host.to(probs.device, non_blocking=True)
-    return q
+        host = torch.stack([torch.rand((), dtype=torch.float64, generator=generators[i]) for i in seeded])
+        u[torch.tensor(seeded, device=device)] = host.to(device, non_blocking=True)
+    return u
+
+
+def _draw_rows(probs: torch.Tensor, params: list, u: torch.Tensor, candidates) -> torch.Tensor:
+    """Token ids [S] drawn from probabilities [S, V] (after temperature and top-k) with uniforms u."""
+    S, V = probs.shape
+    dev = probs.device
+    out = torch.empty(S, dtype=torch.long, device=dev)
+    filtered = [i for i, p in enumerate(params) if p.top_p < 1.0 or p.min_p > 0]
+    plain = [i for i in range(S) if i not in set(filtered)]
+    if plain:            # nothing to cut: the running sum over all V tokens in id order
+        rows = torch.tensor(plain, device=dev)
+        part = probs[rows]
+        cum = part.double().cumsum(dim=-1)
+        out[rows] = draw(cum, torch.full((len(plain),), V, device=dev), u[rows])
+    if filtered:
+        rows = torch.tensor(filtered, device=dev)
+        top_p = _column([params[i].top_p for i in filtered], torch.float64, dev)
+        min_p = _column([params[i].min_p for i in filtered], torch.float64, dev)
+        for g in rank(probs[rows], top_p, min_p, candidates):
+            at = rows[g.rows]
+            out[at] = g.ids.gather(1, draw(g.cum, g.kept, u[at])[:, None])[:, 0]
+    return out
 
 
 def sample_batch(logits: torch.Tensor, params: list, generators: list, prompt_ids: list, output_ids: list,
-                 logprobs: list | None = None) -> tuple:
+                 logprobs: list | None = None, candidates=CANDIDATES) -> tuple:
     """Token ids for every row of float32 logits [B, V] (on any device): row i with params[i],
     generators[i] (None: unseeded) and its prompt/output ids for the penalties. `logprobs[i]`:
-    None, or how many alternatives row i reports. Returns (ids: list[int], logprobs: list of
-    token_logprobs tuples or None per row)."""
+    None, or how many alternatives row i reports. `candidates`: the K nucleus.rank tries before
+    a full sort (() = always the full sort; the same ids either way). Returns (ids: list[int],
+    logprobs: list of token_logprobs tuples or None per row)."""
     B = logits.shape[0]
     logprobs = logprobs or [None] * B
     if any(p.penalized for p in params):
@@ -227,9 +252,10 @@ def sample_batch(logits: torch.Tensor, params: list, generators: list, prompt_id
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         rows = torch.tensor(sampled, device=scores.device)
-        part = _filtered(scores[rows], [params[i] for i in sampled])
-        probs = torch.softmax(part, dim=-1)
-        ids[rows] = torch.argmax(probs / _exponentials(probs, [generators[i] for i in sampled]), dim=-1)
+        sub = [params[i] for i in sampled]
+        probs = torch.softmax(_tempered(scores[rows], sub), dim=-1)
+        u = _uniforms([generators[i] for i in sampled], scores.device)
+        ids[rows] = _draw_rows(probs, sub, u, candidates)
     report = [i for i, k in enumerate(logprobs) if k is not None]
     lp_out = [None] * B
     if report:

@@ -106,6 +106,15 @@ def test_penalties_reach_the_sampler(client, model):
     assert want.token_ids != model.generate("aaaa", **kw).token_ids
 
 
+def test_min_p_reaches_the_sampler(client, model):
+    """vLLM's min_p: a seeded request gives the engine's tokens with the same min_p (and seed)."""
+    kw = dict(temperature=1.0, top_p=1.0, seed=11)
+    r = client.completions.create(model=NAME, prompt="mmm", max_tokens=12, extra_body={
+        "ignore_eos": True, "return_token_ids": True, "min_p": 0.3}, **kw)
+    want = model.generate("mmm", max_new_tokens=12, ignore_eos=True, min_p=0.3, **kw)
+    assert r.choices[0].model_extra["token_ids"] == want.token_ids
+
+
 def test_chat_logprobs_match_the_engine(client, model):
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=3,
@@ -313,6 +322,7 @@ BAD = [
      "between -2 and 2"),
     ("repetition_penalty", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                     "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 2]"),
+    ("min_p", "/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p", "[0, 1]"),
     ("five stops", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop", "at most 4"),
     ("token outside vocab", "/v1/completions", {"prompt": [99999]}, 400, "prompt", "outside the vocabulary"),
     ("unknown model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
