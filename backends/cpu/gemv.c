@@ -8,28 +8,12 @@
  * fused [q;k;v] or [gate;up] weight gives exactly the values of the unfused ones.
  * Accumulation is fp32; bf16 outputs round to nearest even, as torch's cast does.
  */
-#include <stdint.h>
-#include <string.h>
+#include "cpu_common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #define ROW_BLOCK 16
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 #if defined(__AVX512BF16__)
 static float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {

@@ -1,11 +1,13 @@
-"""The CPU decode GEMV (gemv.c), built once with the system C compiler and loaded with ctypes.
+"""The CPU decode GEMVs (gemv.c: bf16/fp32; qgemv.c: wint8/wint4), built once with the system C
+compiler and loaded with ctypes.
 
 Built on first use into the ernie-hal cache (keyed by the source, compiler and CPU flags, so an
 upgrade or another machine rebuilds), then reused: a load costs a dlopen. Where no compiler
 exists, the build fails, or ERNIE_HAL_CPU_NATIVE=0, `library()` returns None with the reason and
 the CPU backend binds torch's kernels instead. The .so links libgomp by soname: torch has loaded
 its own already, so the dynamic linker hands the kernel torch's OpenMP pool (one set of
-threads, sized by torch.set_num_threads).
+threads, sized by torch.set_num_threads). ERNIE_HAL_CPU_NATIVE=portable builds without
+-march=native: the portable C loops a machine without AVX-512 runs (the tests check them).
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import tempfile
 
 import torch  # noqa: F401 - loads torch's libgomp before the kernel library asks for it
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c"))
+HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h",))
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+NATIVE_ISA = ("-march=native",)   # dropped by ERNIE_HAL_CPU_NATIVE=portable: the plain C loops (tests)
 ISA_NAMES = {0: "portable C", 1: "AVX-512", 2: "AVX-512 BF16"}
 
 
 class NativeGemv:
-    """The loaded library: `bf16` and `f32` entry points, and which inner loops it has."""
+    """The loaded library: `bf16` and `f32` GEMVs, the quantized `qgemv` and `qdequant`
+    (qgemv.c), and which inner loops each has."""
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -36,8 +42,15 @@ class NativeGemv:
         self.bf16, self.f32 = lib.ernie_gemv_bf16, lib.ernie_gemv_f32
         for fn in (self.bf16, self.f32):
             fn.argtypes, fn.restype = sig, None
-        lib.ernie_gemv_isa.restype = ctypes.c_int
+        i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self.qgemv, self.qdequant = lib.ernie_qgemv, lib.ernie_qdequant
+        self.qgemv.argtypes = [i32, vp, i32, i64, vp, vp, i64, vp, i64, i64, i64, i64, i32]
+        self.qgemv.restype = i32
+        self.qdequant.argtypes = [i32, vp, vp, i64, vp, i32, i64, i64, i64, i32]
+        self.qdequant.restype = None
+        lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(lib.ernie_gemv_isa(), "?")
+        self.qisa = ISA_NAMES.get(lib.ernie_qgemv_isa(), "?")
 
 
 def _cache_root() -> str:
@@ -58,11 +71,15 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build(cc: str) -> str:
-    """Path of the built library (building it when the cache has none); raises on failure."""
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(src + cc.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+def build(cc: str, portable: bool = False) -> str:
+    """Path of the built library (building it when the cache has none); raises on failure.
+    portable: without -march=native, so the portable C loops run (what a machine without AVX-512 gets)."""
+    flags = FLAGS if portable else NATIVE_ISA + FLAGS
+    src = b""
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            src += f.read()
+    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     dest = os.path.join(_cache_root(), f"gemv-{key}.so")
     if os.path.exists(dest):
         return dest
@@ -70,7 +87,7 @@ def build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(dest))
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([cc, *flags, "-o", tmp, *SOURCES], capture_output=True, text=True, timeout=120)
         if run.returncode:
             raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
         os.replace(tmp, dest)        # atomic: a concurrent load sees a whole library or none
@@ -83,7 +100,8 @@ def build(cc: str) -> str:
 @functools.lru_cache(maxsize=1)
 def load() -> tuple:
     """(NativeGemv or None, reason when None). Built and loaded once per process."""
-    if os.environ.get("ERNIE_HAL_CPU_NATIVE", "1").lower() in ("0", "off", "false", "no"):
+    mode = os.environ.get("ERNIE_HAL_CPU_NATIVE", "1").lower()
+    if mode in ("0", "off", "false", "no"):
         return None, "turned off (ERNIE_HAL_CPU_NATIVE=0)"
     if platform.system() != "Linux":
         return None, f"the native GEMV is built on Linux only (this is {platform.system()})"
@@ -91,7 +109,7 @@ def load() -> tuple:
     if cc is None:
         return None, "no C compiler found (cc, gcc or clang; or set CC)"
     try:
-        path = build(cc)
+        path = build(cc, portable=mode == "portable")
         return NativeGemv(ctypes.CDLL(path), path), ""
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"native GEMV build failed: {e}"
@@ -99,4 +117,4 @@ def load() -> tuple:
 
 if __name__ == "__main__":   # python -m ernie_hal.backends.cpu.native: build now and say what was built
     lib, why = load()
-    print(f"native CPU GEMV: {lib.path} ({lib.isa})" if lib else f"native CPU GEMV unavailable: {why}")
+    print(f"native CPU GEMV: {lib.path} (bf16/fp32: {lib.isa}; wint8/wint4: {lib.qisa})" if lib else f"native CPU GEMV unavailable: {why}")

@@ -1,17 +1,24 @@
-"""Weight-only quantized kernels for the CPU backend: torch's own int8 / int4 weight-pack GEMMs.
+"""Weight-only quantized kernels for the CPU backend, bound once per weight at load by
+prepare_weight (`PackedWeight.native`, a GEMM closure); linear and the MLPs call it with no branch
+on the scheme per call.
 
-Measured on the 0.3B shapes (benchmarks/bench_quant_cpu.py) against dequantize + matmul, they win
-at GEMV (batch 1) and at prefill-size GEMMs, and read 2x / 4x fewer bytes than bf16 at GEMV:
+Where the native library builds (native.py), every closure reads the packed data and scales as
+they are stored, so load copies nothing (one copy per weight; a tied embedding table and LM head
+share it, the lookup reading rows of the same bytes):
+  decode (<= QGEMV_MAX_ROWS rows)  qgemv.c: the integers decoded exactly in registers, fp32
+                                   accumulation (bf16/fp32 activations; others take the prefill path)
+  prefill                          a chunk of rows dequantized by qgemv.c to exactly the values the
+                                   reference computes (q * s, cast as torch casts), then torch's GEMM
+Without it (no compiler, ERNIE_HAL_CPU_NATIVE=0), torch's own weight-pack GEMMs:
   wint8 per channel   aten._weight_int8pack_mm on the packed int8 layout as it is
   wint8 grouped       the same op once per group of input columns, the partial products summed
                       (torch's op has one scale per row)
   wint4               aten._weight_int4pack_mm_for_cpu on torch's int4pack layout, converted once
-                      at load by prepare_weight (_convert_weight_to_int4pack_for_cpu); its group
-                      must be 32..256, so a per-channel or wider group repeats its scale over
-                      groups of 256 (the same values)
-prepare_weight binds each weight's GEMM as a closure (`PackedWeight.native`) once at load; linear
-and the MLPs call it with no branch per call. The int4pack (or per-group int8) copy replaces the packed
-integers except for the embedding table, whose lookup reads rows (a tied wint4 table is held in both layouts).
+                      at load (_convert_weight_to_int4pack_for_cpu); its group must be 32..256, so
+                      a per-channel or wider group repeats its scale over groups of 256
+and those copies replace the packed integers except for the embedding table, whose lookup reads
+rows (a tied wint4 table is then held in both layouts).
+Measured against each other on the 0.3B shapes: benchmarks/bench_ops.py --quant.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from ...kernels.reference.dequant import unpack_int4
 from ...kernels.reference.moe import grouped_experts, moe_route
 
 INT4_GROUPS = (256, 128, 64, 32)
+QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: decode batches
+PREFILL_CHUNK_BYTES = 16 << 20     # dequantized rows per GEMM in prefill: bounded scratch
+NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _gemm_int8(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
@@ -67,7 +77,43 @@ def _gemm_int4(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
     return gemm
 
 
-def _native(data, scales, bits, dtype):
+def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
+    """The packed weight as stored: qgemv for decode rows, dequantized chunks + GEMM for prefill."""
+    data, scales = data.contiguous(), scales.contiguous()      # views of the loaded tensors
+    N, G = scales.shape
+    K = data.shape[1] * (2 if bits == 4 else 1)
+    chunk = max(16, PREFILL_CHUNK_BYTES // (4 * K))
+
+    def dequantized(x_dtype, n0, n1):
+        if x_dtype not in NATIVE_DTYPES:   # fp16: the reference's values, cast as it casts
+            return ref.dequantize(data[n0:n1], scales[n0:n1], bits).to(x_dtype)
+        w = torch.empty(n1 - n0, K, dtype=x_dtype)
+        lib.qdequant(bits, data.data_ptr(), scales.data_ptr(), G, w.data_ptr(), x_dtype == torch.bfloat16,
+                     n0, n1, K, torch.get_num_threads())
+        return w
+
+    def gemm(x):
+        x2 = x.reshape(-1, K)
+        T = x2.shape[0]
+        if T <= QGEMV_MAX_ROWS and x2.dtype in NATIVE_DTYPES:
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            y = torch.empty(T, N, dtype=x2.dtype)
+            if lib.qgemv(bits, x2.data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
+                         scales.data_ptr(), G, y.data_ptr(), N, T, N, K, torch.get_num_threads()):
+                raise MemoryError("qgemv: no memory for its activation scratch")
+        elif N <= chunk:
+            y = F.linear(x2, dequantized(x2.dtype, 0, N))
+        else:
+            y = torch.empty(T, N, dtype=x2.dtype)
+            for n0 in range(0, N, chunk):
+                n1 = min(N, n0 + chunk)
+                y[:, n0:n1] = F.linear(x2, dequantized(x2.dtype, n0, n1))
+        return y.view(*x.shape[:-1], N)
+    return gemm
+
+
+def _torch_ops(data, scales, bits, dtype):
     fn = _gemm_int8(data, scales, dtype) if bits == 8 else _gemm_int4(data, scales, dtype)
     if fn is None:                 # no torch op for this shape: dequantize per call (the reference)
         w = {"data": data, "scales": scales}
@@ -77,15 +123,26 @@ def _native(data, scales, bits, dtype):
     return fn
 
 
+def _library():
+    from .native import load
+    return load()[0]
+
+
 def prepare_weight(w, role: str | None = None):
-    """PackedWeight -> the same with `native` GEMM closure(s); the int4 nibbles are dropped
-    (int4pack holds the values) unless the table is also an embedding."""
-    if w.data.dim() == 2:
-        native = _native(w.data, w.scales, w.bits, w.dtype)
+    """PackedWeight -> the same with `native` GEMM closure(s) (one per expert of a stack).
+    Native: the closures read w.data/w.scales, nothing is copied. Torch's ops: the int4 nibbles
+    (and grouped int8) are dropped for the copy they use, unless the table is also an embedding."""
+    lib = _library()
+    if lib is not None:
+        make = lambda d, s: _gemm_native(lib, d, s, w.bits)  # noqa: E731
     else:
-        native = [_native(w.data[e], w.scales[e], w.bits, w.dtype) for e in range(w.data.shape[0])]
+        make = lambda d, s: _torch_ops(d, s, w.bits, w.dtype)  # noqa: E731
+    if w.data.dim() == 2:
+        native = make(w.data, w.scales)
+    else:
+        native = [make(w.data[e], w.scales[e]) for e in range(w.data.shape[0])]
     out = w.with_native(native)
-    copied = w.bits == 4 or w.scales.shape[-1] > 1      # int4pack, or int8 split into groups
+    copied = lib is None and (w.bits == 4 or w.scales.shape[-1] > 1)   # int4pack, or int8 split into groups
     if copied and role != "embed":
         out.data = w.data.new_empty(tuple(w.data.shape[:-2]) + (0, 0))   # stacks stay indexable
     return out
