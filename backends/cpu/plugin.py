@@ -30,7 +30,7 @@ def ernie_hal_get_kernel(backend, op, spec):
     if backend.name != "cpu":
         return None
     if spec.get("quantization"):
-        # weight-only quantized weights: torch's int8/int4 weight-pack GEMMs (quant_kernels.py)
+        # weight-only quantized weights: the native wint8/wint4 GEMV, or torch's weight-pack GEMMs (quant_kernels.py)
         from ...kernels.reference import OPS_QUANT
         from .quant_kernels import OPS as QUANT
         return QUANT.get(op) or OPS_QUANT.get(op)

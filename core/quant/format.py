@@ -5,8 +5,9 @@
   scales  fp32 [..., out, in / group_size] (one column when per channel)
   shape   the logical [..., out, in]; dtype: the dtype the model computes in (what a lookup and
           the reference kernels dequantize to)
-  native  a backend's own layout of the same values (torch's int4pack on cpu), made once at load
-          by the kernel table's prepare_weight; None where the kernels read data/scales directly
+  native  what the kernel table's prepare_weight binds once at load: on cpu a GEMM closure (over
+          data/scales as stored, or over torch's int4pack copy without the native library); None
+          where the kernels read data/scales directly
 
 Groups run along the input dimension and scales are per row, so fusing projections (q/k/v,
 gate/up) is a row concatenation of data and scales (`cat_rows`), and a row slice (a tensor-parallel

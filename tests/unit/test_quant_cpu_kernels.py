@@ -88,3 +88,133 @@ def test_quantized_model_on_cpu_kernels_equals_dequantized_fp32_model(tmp_path_f
     oracle = ernie_hal.load(str(path), device="cpu", dtype="fp32")
     dequantize_in_place(oracle, resolve(scheme, group))
     assert _rel(fast.logits(ids), oracle.logits(ids)) < 1e-4
+
+
+# ---- the native kernels (qgemv.c) -----------------------------------------------------------------
+from ernie_hal.backends.cpu import native  # noqa: E402
+
+LIB, WHY = native.load()
+needs_native = pytest.mark.skipif(LIB is None, reason=f"native CPU kernels unavailable: {WHY}")
+# (group, in_features): each group size, with widths that are not whole 128-column lines
+SHAPES = [(32, 96), (32, 1024), (64, 320), (128, 384), (-1, 200), (-1, 1024)]
+
+
+def _close_to_exact(got, x, pw, dtype):
+    """No further from the exact fp64 product than the reference op is (or fp32 rounding)."""
+    exact = x.double() @ pw.dequantize(torch.float64).t()
+    ours = (got.double() - exact).abs().max().item()
+    theirs = (ref.linear(x, pw).double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert ours <= max(theirs * 1.5, scale * (2 ** -8 if dtype == torch.bfloat16 else 2e-6)), (ours, theirs)
+
+
+def _check_native_linear(lib, scheme, group, K, rows, dtype, N=37):
+    g = torch.Generator().manual_seed(rows * K + N)
+    pw = quantize(torch.randn(N, K, generator=g), resolve(scheme, group), dtype)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    gemm = cpu._gemm_native(lib, pw.data, pw.scales, pw.bits)
+    got = gemm(x)
+    assert got.dtype == dtype and got.shape == (rows, N)
+    assert _rel(got, ref.linear(x, pw)) < TOL[dtype]
+    _close_to_exact(got, x, pw, dtype)
+    return gemm, pw, x
+
+
+@needs_native
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+@pytest.mark.parametrize("group,K", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_gemv_matches_reference(scheme, group, K, dtype):
+    """Every decode batch size 1..8 against the reference, odd row counts (37), each group size."""
+    for rows in range(1, cpu.QGEMV_MAX_ROWS + 1):
+        _check_native_linear(LIB, scheme, group, K, rows, dtype)
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+def test_portable_c_kernels_match_reference(monkeypatch, scheme):
+    """The loops a machine without AVX-512 runs (built without -march=native)."""
+    monkeypatch.setenv("ERNIE_HAL_CPU_NATIVE", "portable")
+    lib, why = native.load.__wrapped__()
+    if lib is None:
+        pytest.skip(f"no C compiler: {why}")
+    assert lib.qisa == "portable C"
+    for group, K in SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (1, 3, 8):
+                _check_native_linear(lib, scheme, group, K, rows, dtype, N=21)
+
+
+@needs_native
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint8", 64), ("wint4", 128), ("wint4", 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_prefill_equals_reference(monkeypatch, scheme, group, dtype):
+    """Prefill rows: the reference's dequantized values (bit for bit) through torch's GEMM, one
+    chunk or several."""
+    g = torch.Generator().manual_seed(1)
+    pw = quantize(torch.randn(100, 256, generator=g), resolve(scheme, group), dtype)
+    x = torch.randn(cpu.QGEMV_MAX_ROWS + 3, 256, generator=g).to(dtype)
+    assert torch.equal(cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x), ref.linear(x, pw))
+    monkeypatch.setattr(cpu, "PREFILL_CHUNK_BYTES", 32 * 4 * 256)       # 32 rows per chunk
+    got = cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x)
+    torch.testing.assert_close(got, ref.linear(x, pw), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@needs_native
+def test_native_kernels_take_strided_and_batched_activations():
+    pw = quantize(torch.randn(40, 128), resolve("wint4", 64), torch.bfloat16)
+    gemm = cpu.prepare_weight(pw, "attn").native
+    big = torch.randn(3, 200).to(torch.bfloat16)
+    x = big[:, 8:136]                                      # rows strided, columns contiguous
+    assert _rel(gemm(x), ref.linear(x, pw)) < TOL[torch.bfloat16]
+    x3 = torch.randn(2, 3, 128).to(torch.bfloat16)         # [B, T, in] -> [B, T, out]
+    assert gemm(x3).shape == (2, 3, 40) and _rel(gemm(x3), ref.linear(x3, pw)) < TOL[torch.bfloat16]
+
+
+@needs_native
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint8", 128), ("wint4", 128), ("wint4", -1)])
+def test_prepare_weight_keeps_one_copy(scheme, group):
+    """The native kernels read the stored packed bytes: prepare_weight copies nothing, and the
+    embedding lookup reads the same table the head GEMM does."""
+    pw = quantize(torch.randn(304, 256), resolve(scheme, group), torch.bfloat16)
+    for role in ("head", "embed", "mlp"):
+        prepared = cpu.prepare_weight(pw, role)
+        assert prepared.data.data_ptr() == pw.data.data_ptr() and prepared.scales.data_ptr() == pw.scales.data_ptr()
+    stack = quantize(torch.randn(3, 64, 128), resolve(scheme, group), torch.float32)
+    prepared = cpu.prepare_weight(stack, "expert")
+    assert prepared.data.data_ptr() == stack.data.data_ptr() and len(prepared.native) == 3
+
+
+@pytest.fixture
+def torch_fallback(monkeypatch):
+    """The CPU backend as a machine without a compiler sees it (ERNIE_HAL_CPU_NATIVE=0)."""
+    monkeypatch.setenv("ERNIE_HAL_CPU_NATIVE", "0")
+    native.load.cache_clear()
+    yield
+    monkeypatch.delenv("ERNIE_HAL_CPU_NATIVE")
+    native.load.cache_clear()
+
+
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint8", 64), ("wint4", 128), ("wint4", -1)])
+def test_torch_fallback_matches_reference(torch_fallback, scheme, group):
+    assert native.load()[0] is None
+    pw = quantize(torch.randn(48, 512), resolve(scheme, group), torch.bfloat16)
+    prepared = cpu.prepare_weight(pw, "attn")
+    for rows in (1, 5, 12):
+        x = torch.randn(rows, 512).to(torch.bfloat16)
+        assert _rel(cpu.linear(x, prepared), ref.linear(x, pw)) < TOL[torch.bfloat16]
+
+
+def _greedy(model, prompts):
+    return [c.token_ids for c in model.generate(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint8", 32), ("wint4", 32), ("wint4", -1)])
+def test_quantized_greedy_decode_equals_the_dequantized_model(preset, scheme, group):
+    """Greedy tokens (prefill, then decode through the GEMV) of a quantized fp32 model on the CPU
+    kernels equal those of the fp32 model holding the dequantized weights."""
+    prompts = [[5, 9, 200, 17], list(range(30, 52))]
+    fast = ernie_hal.load(preset, device="cpu", dtype="fp32", quantization=scheme, group_size=group)
+    oracle = ernie_hal.load(preset, device="cpu", dtype="fp32")
+    dequantize_in_place(oracle, resolve(scheme, group))
+    assert _greedy(fast, prompts) == _greedy(oracle, prompts)
