@@ -10,7 +10,7 @@ import torch
 
 from .model import defaults
 from .rss import peak_rss_bytes  # noqa: F401 - part of the API (benchmarks, tests)
-from .plugins.backend import Backend
+from .plugins.backend import Backend, format_bytes
 from .runtime.engine import Engine
 from .model.graph import build
 from .plugins.kernel_table import OpSpec
@@ -21,6 +21,7 @@ from .plugins.registry import get_registry
 from .runtime.sampling import SamplingParams
 from .model.checkpoint_reader import Checkpoint
 from .quant import checkpoint as qckpt
+from .quant.scheme import DEFAULT_GROUP
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -329,18 +330,31 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
         weights = ResidentWeights(graph, ckpt, backend, dtype, progress=tick, prepare=prepare,
                                   stored_quant=stored is not None)
     else:
-        if quant is not None:
-            # the staging engine moves plain tensors only so far (its pieces are one dtype each)
-            raise BudgetError(
-                f"{path}: staging {quant.label} weights is not supported yet: the packed model needs "
-                f"{graph.total_bytes / 2**30:.2f} GiB resident; raise --max-device-memory/--max-host-memory "
-                f"to fit it, or load without --quantization to stage plain weights")
+        if quant is not None and stored is None:
+            _refuse_streaming_requantized(graph, plan, path, quant)
         from .memory.offload import OffloadedWeights
         weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
-                                   cache_policy=expert_cache)
+                                   cache_policy=expert_cache, prepare=prepare, stored_quant=stored is not None)
     tokenizer = _load_tokenizer(path)
     return Model(path, config, backend, dtype, ErnieModel(graph, backend, kernels, weights, dtype),
                  tokenizer, random_weights, rss_before, plan=plan, eager=eager, prefix_caching=prefix_caching)
+
+
+def _refuse_streaming_requantized(graph, plan, path, quant) -> None:
+    """Quantize-at-load holds packed weights on the device and in pinned host memory; a weight the
+    plan streams from the checkpoint would be read at full width and quantized again every step
+    (no bytes saved, a full quantization per use), so that plan is refused: quantize the
+    checkpoint once and stage its packed tensors. The input embedding is exempt: a step reads only
+    its tokens' rows, quantized as read (scales are per row, so exactly the same values)."""
+    streamed = [w for w in graph.weights() if w.quant is not None and plan.tiers[w.name] not in (DEVICE, HOST)
+                and not (w is graph.embed and not graph.tied)]
+    if streamed:
+        gs = "" if quant.group_size == DEFAULT_GROUP[quant.scheme] else f" --group-size {quant.group_size}"
+        raise BudgetError(
+            f"{path}: {format_bytes(sum(w.nbytes for w in streamed))} of {quant.label} weights would stream from "
+            f"an unquantized checkpoint (re-quantized every step); write a quantized checkpoint once with "
+            f"`ernie-hal quantize --model {path} --out DST --quantization {quant.scheme}{gs}` and load DST "
+            f"(or raise --max-device-memory/--max-host-memory)")
 
 
 def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, expert_parallel, env,

@@ -123,18 +123,42 @@ def _torch_ops(data, scales, bits, dtype):
     return fn
 
 
+def _staged_torch(data, scales, bits, dtype):
+    """Without the library, a GEMM over a staging buffer's packed weight (refilled between uses)
+    reading data and scales at call time: the int8 per-channel op takes the stored layout as it is;
+    other layouts are dequantized per call (converting to int4pack per load costs ~7x the read of
+    the bytes it follows, measured on the 300B expert shape)."""
+    if bits == 8 and scales.shape[-1] == 1:
+        N, K = data.shape
+
+        def gemm(x):
+            return torch.ops.aten._weight_int8pack_mm(x.reshape(-1, K), data, scales[:, 0].to(dtype)).view(
+                *x.shape[:-1], N)
+        return gemm
+
+    def gemm_dequantized(x):
+        return F.linear(x, ref.dequantize(data, scales, bits).to(x.dtype))
+    return gemm_dequantized
+
+
 def _library():
     from .native import load
     return load()[0]
 
 
-def prepare_weight(w, role: str | None = None):
+def prepare_weight(w, role: str | None = None, staged: bool = False):
     """PackedWeight -> the same with `native` GEMM closure(s) (one per expert of a stack).
     Native: the closures read w.data/w.scales, nothing is copied. Torch's ops: the int4 nibbles
-    (and grouped int8) are dropped for the copy they use, unless the table is also an embedding."""
+    (and grouped int8) are dropped for the copy they use, unless the table is also an embedding.
+    staged=True (a view of a staging buffer, core/memory/offload.py): closures that read its data
+    and scales in place at call time, which the native ones already do."""
     lib = _library()
     if lib is not None:
         make = lambda d, s: _gemm_native(lib, d, s, w.bits)  # noqa: E731
+    elif staged:
+        make = lambda d, s: _staged_torch(d, s, w.bits, w.dtype)  # noqa: E731
+        return w.with_native(make(w.data, w.scales) if w.data.dim() == 2 else
+                             [make(w.data[e], w.scales[e]) for e in range(w.data.shape[0])])
     else:
         make = lambda d, s: _torch_ops(d, s, w.bits, w.dtype)  # noqa: E731
     if w.data.dim() == 2:

@@ -15,6 +15,18 @@ Placement (core/memory/placement.py) says where each weight lives; this module m
   (core/memory/expert_cache.py), with the next MoE layer's likely experts prefetched.
 Every byte read from disk and copied to the device is counted, and the time spent reading,
 copying, waiting for staged weights and computing is recorded.
+
+Weight-only quantized models (graph.quant) stage their packed bytes: a packed weight is two
+pieces of a ring slot or expert-cache slot, its integers (int8 / uint8) and its fp32 scales, each
+read or copied straight in, so a step moves ~2x (wint8) / ~3.5x (wint4) fewer bytes than bf16.
+Sources: a quantized checkpoint (`ernie-hal quantize`) for the disk tier, read as stored; host-tier
+weights of a plain checkpoint are quantized once at load into pinned memory. A plain
+checkpoint's weights cannot be streamed packed (core/api.py refuses that plan, except the input
+embedding, whose few rows a step reads are quantized as they are read: its scales are per row).
+Staged packed weights pass through the kernel table's prepare_weight once per buffer view with
+staged=True (the kernels then read data and scales in place, whatever bytes the view holds now):
+a layout conversion per load (CPU's int4pack costs ~7x the read of the bytes) would cost more than
+the bytes it saves.
 """
 
 from __future__ import annotations
@@ -38,6 +50,9 @@ from ..model.graph import ModelGraph
 from ..runtime.executor import LayerWeights
 from .placement import DEVICE, HOST, Plan, aligned
 from ..model.checkpoint_reader import Checkpoint, CheckpointError, TensorRef
+from ..quant.checkpoint import packed_shapes, scale_name
+from ..quant.format import PackedWeight, empty_packed
+from ..quant.quantize import quantize
 
 CHUNK = 16 * 2**20            # bytes per pread (and per page-cache release) on the direct path
 DEMAND, LAYER, PREFETCH = 0, 1, 2      # reader queue priorities
@@ -318,16 +333,36 @@ def _stop_threads(work: queue.PriorityQueue, threads: list) -> None:
 
 @dataclass
 class _Piece:
-    """One tensor in a staged unit; `refs` has E entries when experts are stacked [E, ...]."""
+    """One weight in a staged unit; `refs` has E entries when experts are stacked [E, ...].
+    Packed (quant set): its integers at `offset`, its fp32 scales at the next aligned byte."""
     key: str
     refs: tuple
     shape: tuple
     dtype: torch.dtype
     offset: int = 0
+    quant: object = None            # QuantSpec of a packed weight
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        if self.quant is None:
+            return math.prod(self.shape) * self.dtype.itemsize
+        (ds, dd), (ss, sd) = packed_shapes(self.quant, self.shape)
+        return aligned(math.prod(ds) * dd.itemsize) + math.prod(ss) * sd.itemsize
+
+    def view(self, buf: torch.Tensor, dtype: torch.dtype):
+        """This piece inside byte buffer `buf`: a tensor, or a PackedWeight of two views."""
+        if self.quant is None:
+            return buf[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        (ds, dd), (ss, sd) = packed_shapes(self.quant, self.shape)
+        n = math.prod(ds) * dd.itemsize
+        at = self.offset + aligned(n)
+        return PackedWeight(buf[self.offset:self.offset + n].view(dd).view(ds),
+                            buf[at:at + math.prod(ss) * sd.itemsize].view(sd).view(ss), self.quant, self.shape, dtype)
+
+
+def _tensors(w) -> tuple:
+    """The plain tensors a weight is stored in: (data, scales) of a packed one, else itself."""
+    return (w.data, w.scales) if isinstance(w, PackedWeight) else (w,)
 
 
 @dataclass
@@ -360,10 +395,16 @@ class OffloadedWeights:
     """The weight store for a plan with staged weights (see ResidentWeights for the interface)."""
 
     def __init__(self, graph: ModelGraph, ckpt: Checkpoint, backend: Backend, dtype: torch.dtype, plan: Plan,
-                 progress=None, prefetch: bool | None = None, cache_policy: str = "lru"):
+                 progress=None, prefetch: bool | None = None, cache_policy: str = "lru", prepare=None,
+                 stored_quant: bool = False):
+        """prepare: the kernel table's prepare_weight (quantized models); stored_quant: the
+        checkpoint holds the packed weights already (`ernie-hal quantize`)."""
         self.graph, self.ckpt, self.backend, self.dtype, self.plan = graph, ckpt, backend, dtype, plan
         self.config = graph.config
         self.progress = progress
+        self.prepare = prepare or (lambda w, role=None, staged=False: w)
+        self.stored_quant = stored_quant
+        self._views: dict = {}                       # (ring slot, unit key) -> {piece key: view}
         self._policy, self._prefetch, self._probes = cache_policy, prefetch, 0
         self.reader = FileReader(ckpt)
         self.stager = Stager(self.reader, backend, plan.pinned_chunks, plan.pinned_chunk_bytes)
@@ -377,10 +418,10 @@ class OffloadedWeights:
         for b in graph.blocks:
             pieces = self._place(list(self._block_pieces(b)))
             units.append(_Unit(("layer", b.index), pieces))
-        out = [_Piece(r.name, (r,), r.shape, self._dtype(r)) for r in (graph.final_norm, graph.head)]
+        out = [self._piece(r) for r in (graph.final_norm, graph.head)]
         units.append(_Unit(("head",), self._place(out)))
         if not graph.tied:
-            self._place([_Piece(graph.embed.name, (graph.embed,), graph.embed.shape, self.dtype)])
+            self._place([self._piece(graph.embed)])
         self.embed_key = graph.embed.name
         self.embed_rows = self.plan.tier(graph.embed) != DEVICE
         self._setup_experts()
@@ -409,15 +450,31 @@ class OffloadedWeights:
     def _dtype(self, ref) -> torch.dtype:
         return torch.float32 if ref.role == "router" else self.dtype
 
+    def _piece(self, r) -> _Piece:
+        return _Piece(r.name, (r,), r.shape, self._dtype(r), quant=r.quant)
+
     def _block_pieces(self, b):
         for r in b.refs():
             if r.role != "expert":
-                yield _Piece(r.name, (r,), r.shape, self._dtype(r))
+                yield self._piece(r)
         if b.moe is not None and not self.cached:
             ex = b.moe.experts
             for part in ("gate", "up", "down"):
                 refs = tuple(getattr(e, part) for e in ex)
-                yield _Piece(f"{b.index}.experts.{part}", refs, (len(refs),) + refs[0].shape, self.dtype)
+                yield _Piece(f"{b.index}.experts.{part}", refs, (len(refs),) + refs[0].shape, self.dtype,
+                             quant=refs[0].quant)
+
+    def _empty(self, p: _Piece, alloc):
+        """Storage for piece `p` from alloc(shape, dtype): a tensor or a PackedWeight."""
+        if p.quant is not None:
+            return empty_packed(p.quant, p.shape, self.dtype, alloc)
+        return alloc(p.shape, p.dtype)
+
+    def _sources(self, r) -> tuple:
+        """The checkpoint tensors weight `r` is read from, in _tensors order."""
+        if r.quant is not None:
+            return self.ckpt.ref(r.name), self.ckpt.ref(scale_name(r.name))
+        return (self.ckpt.ref(r.name),)
 
     def _place(self, pieces: list) -> list:
         """Load device- and host-tier pieces now; return the staged ones (host tier or disk)."""
@@ -426,12 +483,12 @@ class OffloadedWeights:
             tier = self.plan.tiers[p.refs[0].name]
             if tier == DEVICE:
                 if p.key not in self.resident:       # a tied head is the embedding
-                    self.resident[p.key] = self._load(p, self.backend.alloc(p.shape, p.dtype))
+                    w = self._load(p, self._empty(p, self.backend.alloc))
+                    self.resident[p.key] = w if p.quant is None else self.prepare(w, p.refs[0].role)
             else:
                 if tier == HOST:       # one pinned tensor per weight: what placement counted
-                    self.host[p.key] = tuple(
-                        self._load(_Piece(r.name, (r,), r.shape, p.dtype), self._pinned(r.shape, p.dtype), host=True)
-                        for r in p.refs)
+                    self.host[p.key] = tuple(self._load(q, self._empty(q, self._pinned), host=True)
+                                             for q in (self._piece(r) for r in p.refs))
                 if p.key != self.graph.embed.name or self.graph.tied:
                     staged.append(p)
         return staged
@@ -441,13 +498,26 @@ class OffloadedWeights:
         self.host_bytes += self.backend.pinned_footprint(math.prod(shape) * dtype.itemsize)
         return self.backend.pinned_empty(shape, dtype)
 
-    def _load(self, p: _Piece, dst: torch.Tensor, host: bool = False) -> torch.Tensor:
-        copy = self.reader.read_into if host else self.stager.copy
+    def _load(self, p: _Piece, dst, host: bool = False):
         for j, r in enumerate(p.refs):
-            copy(self.ckpt.ref(r.name), dst[j] if len(p.refs) > 1 else dst)
-            if self.progress is not None:
-                self.progress(r.nbytes)
+            self._fill(r, dst[j] if len(p.refs) > 1 else dst, host)
         return dst
+
+    def _fill(self, r, dst, host: bool = False) -> None:
+        """Weight `r` into `dst` once, at load: read as stored, or quantized from a plain
+        checkpoint (read whole, quantized, dropped: one float tensor at a time)."""
+        if r.quant is not None and not self.stored_quant:
+            w = self.ckpt.read(r.name, release=True)
+            q = quantize(w, r.quant, self.dtype, name=r.name)
+            del w
+            dst.data.copy_(q.data)
+            dst.scales.copy_(q.scales)
+        else:
+            copy = self.reader.read_into if host else self.stager.copy
+            for src, d in zip(self._sources(r), _tensors(dst)):
+                copy(src, d)
+        if self.progress is not None:
+            self.progress(r.nbytes)
 
     def _setup_experts(self) -> None:
         c, plan = self.config, self.plan
@@ -457,7 +527,12 @@ class OffloadedWeights:
             return
         ex = next(b for b in self.graph.blocks if b.moe is not None).moe.experts[0]
         n = len(plan.resident_experts) + plan.expert_slots
-        self.slots = tuple(self.backend.alloc((n,) + r.shape, self.dtype) for r in ex.refs())
+        # packed experts: a slot holds one expert's packed bytes (placement's expert_bytes), and
+        # the kernels read every slot in place, whichever expert it holds now
+        self.slots = tuple(self.prepare(self._empty(_Piece(r.name, (r,), (n,) + r.shape, self.dtype, quant=r.quant),
+                                                    self.backend.alloc), r.role, staged=True)
+                           if r.quant is not None else self.backend.alloc((n,) + r.shape, self.dtype)
+                           for r in ex.refs())
         self.cache = ExpertCache(n, resident=plan.resident_experts, policy=self._policy)
         self.slot_event = [None] * n
         self.slot_ticket: list = [None] * n
@@ -465,9 +540,7 @@ class OffloadedWeights:
         for slot, (layer, e) in enumerate(plan.resident_experts):
             refs = self.graph.blocks[layer].moe.experts[e].refs()
             for r, dst in zip(refs, self.slots):
-                self.stager.copy(self.ckpt.ref(r.name), dst[slot])
-                if self.progress is not None:
-                    self.progress(r.nbytes)
+                self._fill(r, dst[slot])
         for layer, count in Counter(l for l, _ in plan.resident_experts).items():
             if count == c.moe_num_experts:
                 self.full_layers[layer] = self.cache.slot_of[(layer, 0)]
@@ -477,8 +550,8 @@ class OffloadedWeights:
             for e, mlp in enumerate(b.moe.experts):
                 if plan.tier(mlp.gate) == HOST:
                     self.host_experts[(b.index, e)] = tuple(
-                        self._load(_Piece(r.name, (r,), r.shape, self.dtype),
-                                   self._pinned(r.shape, self.dtype), host=True) for r in mlp.refs())
+                        self._load(q, self._empty(q, self._pinned), host=True)
+                        for q in (self._piece(r) for r in mlp.refs()))
         moe_layers = [b.index for b in self.graph.blocks if b.moe is not None]
         self.next_moe = dict(zip(moe_layers, moe_layers[1:] + [None]))
         self.freq = {layer: Counter() for layer in moe_layers}
@@ -488,28 +561,47 @@ class OffloadedWeights:
         """(table, ids into it): the resident table, or just this step's rows read from the file."""
         self._step_t0 = time.perf_counter()
         if self._rows is not None:                   # a step that never finished
-            self.backend.free(self._rows)
+            for t in _tensors(self._rows):
+                self.backend.free(t)
             self._rows = None
         if not self.embed_rows:
             return self.resident[self.embed_key], ids
         uniq, inverse = torch.unique(ids, return_inverse=True)
         rows = uniq.tolist()
-        ref = self.ckpt.ref(self.embed_key)
-        shape = (len(rows), self.config.hidden_size)
-        self._rows = self.backend.alloc(shape, self.dtype)
-        if self.stager.direct:
-            self.reader.read_rows(ref, rows, self._rows)
+        e = self.graph.embed
+        piece = _Piece(e.name, (e,), (len(rows), self.config.hidden_size), self.dtype, quant=e.quant)
+        self._rows = self._empty(piece, self.backend.alloc)
+        if self.embed_key in self.host:
+            src = self.host[self.embed_key][0]
+            host = (PackedWeight(src.data[uniq.cpu()], src.scales[uniq.cpu()], e.quant, piece.shape, self.dtype)
+                    if e.quant is not None else src[uniq.cpu()])
+        elif self.stager.direct:
+            host = self._rows
+            self._read_rows(rows, host)
         else:
-            if self.embed_key in self.host:
-                host = self.host[self.embed_key][0][uniq.cpu()]
-            else:
-                host = self.backend.pinned_empty(shape, self.dtype)
-                self.reader.read_rows(ref, rows, host)
+            host = self._empty(piece, self.backend.pinned_empty)
+            self._read_rows(rows, host)
+        if host is not self._rows:
             t0 = time.perf_counter()
-            self.backend.copy_to_device(self._rows, host)
-            self.stager.count(host.numel() * host.element_size(), time.perf_counter() - t0)
+            for s, d in zip(_tensors(host), _tensors(self._rows)):
+                self.backend.copy_to_device(d, s)
+                self.stager.count(s.numel() * s.element_size(), 0.0)
+            self.stager.count(0, time.perf_counter() - t0)
         self.stats_.embed_rows += len(rows)
         return self._rows, inverse
+
+    def _read_rows(self, rows: list, dst) -> None:
+        """The embedding's rows `rows` from the file into host memory `dst`. A plain checkpoint's
+        rows of a quantized model are quantized as read: scales are per row, so a row quantizes
+        alone to exactly what the whole table would."""
+        e = self.graph.embed
+        if e.quant is None or self.stored_quant:
+            for src, d in zip(self._sources(e), _tensors(dst)):
+                self.reader.read_rows(src, rows, d)
+            return
+        plain = torch.empty((len(rows), e.shape[1]), dtype=e.dtype)
+        self.reader.read_rows(self.ckpt.ref(e.name), rows, plain)
+        quantize(plain, e.quant, self.dtype, name=e.name, out=dst)
 
     def layer(self, i: int) -> LayerWeights:
         b = self.graph.blocks[i]
@@ -542,7 +634,8 @@ class OffloadedWeights:
 
     def step_done(self) -> None:
         if self._rows is not None:
-            self.backend.free(self._rows)
+            for t in _tensors(self._rows):
+                self.backend.free(t)
             self._rows = None
         if self._step_t0 is not None:
             self.stats_.step_seconds += time.perf_counter() - self._step_t0
@@ -609,20 +702,25 @@ class OffloadedWeights:
     def _submit_next(self, slot: int, after) -> None:
         unit = self.order[self._next % len(self.order)]
         self._next += 1
-        buf, views, parts = self.ring[slot], {}, []
+        views, parts = self._slot_views(slot, unit), []
         for p in unit.pieces:
-            view = buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape)
-            views[p.key] = view
-            if p.key in self.host:
-                for j, src in enumerate(self.host[p.key]):
-                    dst = view[j] if len(p.refs) > 1 else view
-                    parts.append(functools.partial(self.stager.copy, src, dst))
-            else:
-                for j, r in enumerate(p.refs):
-                    dst = view[j] if len(p.refs) > 1 else view
-                    parts.append(functools.partial(self.stager.copy, self.ckpt.ref(r.name), dst))
+            view = views[p.key]
+            for j, r in enumerate(p.refs):
+                dst = view[j] if len(p.refs) > 1 else view
+                srcs = _tensors(self.host[p.key][j]) if p.key in self.host else self._sources(r)
+                parts += [functools.partial(self.stager.copy, s, d) for s, d in zip(srcs, _tensors(dst))]
         ticket = self.stager.submit(parts, LAYER, after)
         self._inflight.append(_InFlight(unit, slot, ticket, views))
+
+    def _slot_views(self, slot: int, unit: _Unit) -> dict:
+        """The views of `unit`'s pieces in ring slot `slot`, made (and packed ones prepared) once."""
+        views = self._views.get((slot, unit.key))
+        if views is None:
+            views = self._views[(slot, unit.key)] = {}
+            for p in unit.pieces:
+                v = p.view(self.ring[slot], self.dtype)
+                views[p.key] = v if p.quant is None else self.prepare(v, p.refs[0].role, staged=True)
+        return views
 
     def _acquire(self, key: tuple) -> dict:
         """The staged views of unit `key` ({} when it has nothing staged), once they are in place."""
@@ -680,11 +778,11 @@ class OffloadedWeights:
 
     def _load_expert(self, key, slot: int, priority: int) -> Ticket:
         layer, e = key
-        dsts = [t[slot] for t in self.slots]
+        dsts = [d for t in self.slots for d in _tensors(t[slot])]
         if key in self.host_experts:
-            srcs = self.host_experts[key]
+            srcs = [s for w in self.host_experts[key] for s in _tensors(w)]
         else:
-            srcs = [self.ckpt.ref(r.name) for r in self.graph.blocks[layer].moe.experts[e].refs()]
+            srcs = [s for r in self.graph.blocks[layer].moe.experts[e].refs() for s in self._sources(r)]
         t = self.stager.submit([functools.partial(self.stager.copy, s, d) for s, d in zip(srcs, dsts)],
                                priority, after=self.slot_event[slot])
         self.slot_ticket[slot] = t

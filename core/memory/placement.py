@@ -62,6 +62,20 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def stored_parts(ref: WeightRef, dtype: torch.dtype) -> tuple:
+    """Bytes of each tensor `ref` is held in: (integers, fp32 scales) when packed, else one."""
+    if ref.quant is None:
+        return (device_nbytes(ref, dtype),)
+    rows = ref.numel // ref.shape[-1]
+    return rows * ref.shape[-1] * ref.quant.bits // 8, rows * ref.quant.groups(ref.shape[-1]) * 4
+
+
+def staged_nbytes(ref: WeightRef, dtype: torch.dtype) -> int:
+    """Bytes `ref` takes in a staging buffer: a packed weight's integers and its fp32 scales are
+    two pieces, each aligned (core/memory/offload.py lays them out so)."""
+    return sum(aligned(n) for n in stored_parts(ref, dtype))
+
+
 @dataclass
 class Plan:
     mode: str
@@ -185,7 +199,9 @@ def plan(graph: ModelGraph, backend: Backend, device_budget: int | None = None,
     if not unified and H is None:
         H = int(psutil.virtual_memory().available * 0.5)
     size = {w.name: device_nbytes(w, dtype) for w in graph.weights()}
-    planner = _Planner(graph, size, mode, c.moe_k if c.is_moe else 0)
+    planner = _Planner(graph, size, mode, c.moe_k if c.is_moe else 0,
+                       {w.name: staged_nbytes(w, dtype) for w in graph.weights()},
+                       {w.name: stored_parts(w, dtype) for w in graph.weights()})
     base = dict(mode=mode, device=backend.info.label, unified=unified, device_budget=D,
                 host_budget=host_budget if unified else H, reserve=reserve, top_k=planner.top_k)
 
@@ -205,8 +221,10 @@ def plan(graph: ModelGraph, backend: Backend, device_budget: int | None = None,
 
 
 class _Planner:
-    def __init__(self, graph: ModelGraph, size: dict, mode: str, top_k: int):
+    def __init__(self, graph: ModelGraph, size: dict, mode: str, top_k: int, staged: dict, parts: dict):
         self.g, self.size, self.mode, self.top_k = graph, size, mode, top_k
+        self.staged = staged                  # name -> bytes in a staging buffer (aligned pieces)
+        self.parts = parts                    # name -> bytes of each tensor it is held in
         self.footprint = lambda n: n          # host bytes one pinned tensor of n bytes takes
         moe = [b for b in graph.blocks if b.moe is not None]
         self.moe_blocks = moe
@@ -224,7 +242,7 @@ class _Planner:
         """(bytes of the largest staged unit, its label) given the resident names."""
         best = (0, "")
         for label, refs in self.units:
-            n = sum(aligned(self.size[r.name]) for r in refs if r.name not in resident)
+            n = sum(self.staged[r.name] for r in refs if r.name not in resident)
             best = max(best, (n, label))
         return best
 
@@ -330,7 +348,7 @@ class _Planner:
         rounding = PINNED_CHUNKS * (fp(chunk) - chunk)
         for group in self.groups(stats):
             names = [r.name for r in group if p.tiers[r.name] == DISK]
-            n = sum(fp(self.size[x]) for x in names)
+            n = sum(fp(b) for x in names for b in self.parts[x])   # one pinned tensor per part
             if names and n <= left:
                 for x in names:
                     p.tiers[x] = HOST

@@ -13,8 +13,10 @@ import torch
 # Every op a backend provides (ARCHITECTURE.md "Ops every backend provides").
 OPS = ("embedding", "linear", "rms_norm", "add_rms_norm", "rope", "kv_cache_write",
        "rope_kv_write", "gqa_attention", "swiglu_mlp", "moe_route", "moe_experts", "moe")
-# Bound too when weights are quantized: prepare_weight(packed) -> the layout the backend's
-# linear / swiglu_mlp / moe / embedding read, called once per weight at load.
+# Bound too when weights are quantized: prepare_weight(packed, role, staged=False) -> the layout the
+# backend's linear / swiglu_mlp / moe / embedding read, called once per weight at load. staged=True
+# (core/memory/offload.py): the weight is a view of a staging buffer that is refilled between uses,
+# so the answer must read its data and scales in place at call time (no copy, no layout change).
 QUANT_OPS = ("prepare_weight",)
 # Ops whose weights arrive packed in a quantized model.
 WEIGHT_OPS = ("embedding", "linear", "swiglu_mlp", "moe_experts", "moe", "prepare_weight")

@@ -48,6 +48,7 @@ def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, nor
     return out
 
 
-def prepare_weight(w, role: str | None = None):
-    """The layout these kernels read: the packed weight itself."""
+def prepare_weight(w, role: str | None = None, staged: bool = False):
+    """The layout these kernels read: the packed weight itself (read in place, so a staged
+    weight, whose buffer is refilled between uses, needs nothing else)."""
     return w

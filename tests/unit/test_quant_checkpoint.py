@@ -94,8 +94,9 @@ def test_reports_say_the_scheme_and_weight_bytes(source, capsys):
     assert out["metrics"]["quantization"]["scheme"] == "wint8"
 
 
-def test_quantize_at_load_that_must_stage_is_a_clear_error(source):
-    with pytest.raises(ValueError, match="staging wint8 .* not supported yet"):
+def test_quantize_at_load_that_must_stream_is_a_clear_error(source):
+    """Streaming packed weights needs a quantized checkpoint (tests/unit/test_quant_staging.py)."""
+    with pytest.raises(ValueError, match="would stream from an unquantized checkpoint.*ernie-hal quantize --model "):
         ernie_hal.load(source, device="cpu", quantization="wint8", max_device_memory="2MiB")
 
 
