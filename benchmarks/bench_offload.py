@@ -7,6 +7,11 @@ Cases (each a random-weight checkpoint written with `ernie-hal make-checkpoint`,
   21b-peer  the 21B shape truncated to 6 layers (8.1 GiB), budgets 1/4 of its size, ernie-hal and
         Hugging Face accelerate's offload (device_map="auto", max_memory, disk offload) side by side
 
+--quantization wint4 (or wint8) adds, for the 300b case, the same run on a quantized copy of the
+checkpoint written by `ernie-hal quantize` (deleted after): the staging engine then moves packed
+bytes, under the same budgets. With --rounds N the bf16 and quantized runs alternate (bf16 first
+in even rounds, the quantized one first in odd ones), each from a dropped page cache.
+
 Reported per run: prefill and decode tokens/s, bytes read from the checkpoint per decoded token,
 achieved read GB/s (inside pread, and over the decode wall time) against the disk's sequential
 read rate measured here on the same file with its pages dropped first, where decode time goes
@@ -14,7 +19,8 @@ read rate measured here on the same file with its pages dropped first, where dec
 before loading (ru_maxrss; each run in a fresh process forked by a small shell, because Linux
 carries ru_maxrss across exec).
 
-    python benchmarks/bench_offload.py [--cases 300b 21b 21b-peer] [--workdir DIR] [--keep]
+    python benchmarks/bench_offload.py [--cases 300b 21b 21b-peer] [--quantization wint4] [--rounds N]
+                                       [--workdir DIR] [--keep]
 
 Writes benchmarks/results/bench_offload_cpu.json (temp file, then rename). The parent never
 imports torch.
@@ -37,10 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 GiB = 2**30
 CASES = {
-    "300b": dict(preset="ernie-4.5-300b-a47b", layers=5, host="4GiB", device=None, peer=False),
+    "300b": dict(preset="ernie-4.5-300b-a47b", layers=5, host="4GiB", device=None, peer=False, quant=True),
     "21b": dict(preset="ernie-4.5-21b-a3b", layers=None, host="quarter", device="quarter", peer=False),
     "21b-peer": dict(preset="ernie-4.5-21b-a3b", layers=6, host="quarter", device="quarter", peer=True),
-    "smoke": dict(preset="tiny-moe", layers=None, host="1000KiB", device=None, peer=True),   # a dry run
+    "smoke": dict(preset="tiny-moe", layers=None, host="1000KiB", device=None, peer=True, quant=True),   # a dry run
 }
 DEFAULT_CASES = ["300b", "21b", "21b-peer"]
 
@@ -94,6 +100,15 @@ def make_checkpoint(preset: str, layers, out: str) -> dict:
     dt = time.perf_counter() - t0
     size = sum(os.path.getsize(f) for f in checkpoint_files(out))
     return {"bytes": size, "seconds": dt, "write_gbps": size / dt / 1e9}
+
+
+def quantize_checkpoint(src: str, scheme: str, out: str) -> dict:
+    """The project's own `ernie-hal quantize` (streamed, bounded memory)."""
+    cmd = [sys.executable, "-m", "ernie_hal", "quantize", "--model", src, "--out", out, "--quantization", scheme]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    return {"scheme": scheme, "bytes": sum(os.path.getsize(f) for f in checkpoint_files(out)), "seconds": dt}
 
 
 def spawn(args_list: list, timeout: int = 3600) -> dict:
@@ -167,6 +182,7 @@ def child_ernie(a) -> dict:
         "peak_rss_above_before_bytes": peak() - before,
         "device_peak_bytes": m.backend.memory.peak,
         "token_ids": out.token_ids, "prompt_ids": prompt,
+        "quantization": m.quantization,
         "plan": {k: v for k, v in m.plan.as_dict().items() if k != "roles"}, "plan_table": m.plan.table(),
         "stats_end": s1,
     }
@@ -252,16 +268,34 @@ def run_case(name: str, spec: dict, a) -> dict:
         row["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         row["disk_read"] = disk_read_gbps(files)
         host, dev = size_arg(spec["host"], total), size_arg(spec["device"], total) if spec["device"] else None
-        common = ["--model", path, "--prompt", str(a.prompt), "--new", str(a.new), "--workdir", a.workdir]
-        drop_cache(files)
-        args = ["--engine", "ernie-hal", "--host", host, "--offload", "auto", *common]
-        if dev:
-            args += ["--device-mem", dev]
-        ours = spawn(args)
-        ours["disk_read_gbps_measured"] = row["disk_read"]["gbps"]
+        common = ["--prompt", str(a.prompt), "--new", str(a.new), "--workdir", a.workdir]
+        models = {"bf16": path}
+        if spec.get("quant") and a.quantization:
+            qpath = f"{path}-{a.quantization}"
+            if not os.path.exists(os.path.join(qpath, "config.json")):
+                shutil.rmtree(qpath, ignore_errors=True)
+                row["quantize"] = quantize_checkpoint(path, a.quantization, qpath)
+            models[a.quantization] = qpath
+        runs = {fmt: [] for fmt in models}
+        for r in range(a.rounds):
+            for fmt in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                drop_cache(checkpoint_files(models[fmt]))
+                args = ["--engine", "ernie-hal", "--host", host, "--offload", "auto", "--model", models[fmt], *common]
+                if dev:
+                    args += ["--device-mem", dev]
+                res = spawn(args)
+                res["disk_read_gbps_measured"] = row["disk_read"]["gbps"]
+                res["round"] = r
+                runs[fmt].append(res)
+                print(f"[{name}] ernie-hal {fmt} round {r}: "
+                      f"{json.dumps({k: v for k, v in res.items() if k not in ('plan_table', 'stats_end', 'token_ids', 'prompt_ids')})}",
+                      file=sys.stderr)
+        ours = runs["bf16"][0]
         row["ernie_hal"] = ours
-        print(f"[{name}] ernie-hal: {json.dumps({k: v for k, v in ours.items() if k not in ('plan_table', 'stats_end', 'token_ids', 'prompt_ids')})}",
-              file=sys.stderr)
+        if len(models) > 1:
+            row["quantized"] = {"scheme": a.quantization, "runs": runs,
+                                "summary": quant_summary(runs, a.quantization)}
+        common = ["--model", path, *common]
         if spec["peer"] and "prompt_ids" in ours:
             drop_cache(files)
             peer = spawn(["--engine", "accelerate", "--host", host, "--prompt-ids", json.dumps(ours["prompt_ids"]),
@@ -274,7 +308,27 @@ def run_case(name: str, spec: dict, a) -> dict:
     finally:
         if not a.keep:
             shutil.rmtree(path, ignore_errors=True)
+            if a.quantization:
+                shutil.rmtree(f"{path}-{a.quantization}", ignore_errors=True)
     return row
+
+
+def quant_summary(runs: dict, scheme: str) -> dict:
+    """Medians over rounds, bf16 beside the quantized run, and their ratios."""
+    def med(fmt, key):
+        vals = sorted(r.get(key, 0.0) for r in runs[fmt] if "error" not in r)
+        return vals[len(vals) // 2] if vals else None
+    out = {}
+    for fmt in runs:
+        out[fmt] = {k: med(fmt, k) for k in ("decode_tokens_per_s", "decode_read_bytes_per_token",
+                                              "prefill_tokens_per_s", "decode_stall_seconds",
+                                              "decode_compute_seconds", "peak_rss_bytes")}
+    b, q = out["bf16"], out[scheme]
+    if b["decode_read_bytes_per_token"] and q["decode_read_bytes_per_token"]:
+        out["read_per_token_ratio"] = b["decode_read_bytes_per_token"] / q["decode_read_bytes_per_token"]
+    if b["decode_tokens_per_s"] and q["decode_tokens_per_s"]:
+        out["decode_speedup"] = q["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+    return out
 
 
 def main() -> None:
@@ -292,6 +346,9 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     p.add_argument("--workdir", default=os.path.expanduser("~/.cache/ernie-hal"))
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--quantization", default=None, choices=("wint8", "wint4"),
+                   help="300b case: also run a quantized copy of the checkpoint under the same budgets")
+    p.add_argument("--rounds", type=int, default=1, help="runs per format, alternating bf16 and quantized")
     p.add_argument("--out", default=os.path.join(RESULTS, "bench_offload_cpu.json"))
     a = p.parse_args()
     if a.child:
@@ -310,7 +367,8 @@ def write(a, rows) -> None:
     doc = {"benchmark": "bench_offload", "device": "cpu",
            "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
                        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
-           "prompt_tokens": a.prompt, "new_tokens": a.new, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+           "prompt_tokens": a.prompt, "new_tokens": a.new, "quantization": a.quantization, "rounds": a.rounds,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows}
     from ernie_hal.core.atomic import write_json   # here, not at the top: the parent stays light
     write_json(a.out, doc)
 
