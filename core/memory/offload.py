@@ -50,7 +50,7 @@ from ..model.graph import ModelGraph
 from ..runtime.executor import LayerWeights
 from .placement import DEVICE, HOST, Plan, aligned
 from ..model.checkpoint_reader import Checkpoint, CheckpointError, TensorRef
-from ..quant.checkpoint import packed_shapes, scale_name
+from ..quant.checkpoint import packed_shapes, quantize_from, scale_name
 from ..quant.format import PackedWeight, empty_packed
 from ..quant.quantize import quantize
 
@@ -505,13 +505,9 @@ class OffloadedWeights:
 
     def _fill(self, r, dst, host: bool = False) -> None:
         """Weight `r` into `dst` once, at load: read as stored, or quantized from a plain
-        checkpoint (read whole, quantized, dropped: one float tensor at a time)."""
+        checkpoint a block of rows at a time (quantize_from: a few MiB of floats held at once)."""
         if r.quant is not None and not self.stored_quant:
-            w = self.ckpt.read(r.name, release=True)
-            q = quantize(w, r.quant, self.dtype, name=r.name)
-            del w
-            dst.data.copy_(q.data)
-            dst.scales.copy_(q.scales)
+            quantize_from(self.ckpt, r, dst)
         else:
             copy = self.reader.read_into if host else self.stager.copy
             for src, d in zip(self._sources(r), _tensors(dst)):

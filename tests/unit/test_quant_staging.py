@@ -214,3 +214,17 @@ def test_ring_slot_holds_packed_pieces_each_aligned():
     assert p.ring_slots and p.ring_slot_bytes >= max(
         sum(staged_nbytes(w, torch.bfloat16) for w in b.refs() if w.role != "expert" and p.tier(w) != DEVICE)
         for b in graph.blocks)
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+def test_staged_without_the_native_library_reads_in_place(sources, scheme, monkeypatch):
+    """Torch's fallback kernels: staged weights take the in-place path (int8 per channel through
+    torch's int8 GEMM, others dequantized per call), never the int4pack conversion."""
+    from ernie_hal.backends.cpu import quant_kernels
+    monkeypatch.setattr(quant_kernels, "_library", lambda: None)
+    path = sources[("moe", scheme)]
+    resident = _run(ernie_hal.load(path, device="cpu", dtype="fp32"))
+    m = ernie_hal.load(path, device="cpu", dtype="fp32", max_device_memory=_budget("moe", path))
+    assert all(t.data.numel() for t in m.model.weights.slots)       # the packed integers kept, read in place
+    _same(m, resident)
+    m.close()
