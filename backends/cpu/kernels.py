@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.reference.moe import grouped_experts, moe_route
+from ...kernels.reference.norm import add_rms_norm as ref_add_rms_norm
+from ...kernels.reference.norm import rms_norm as ref_rms_norm
 
 GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
+NORM_MAX_ROWS = 64    # the native norm is one thread; longer prefills take torch's threaded ops
 
 
 def make_linear(native):
@@ -89,9 +92,37 @@ def make_moe(moe_experts, swiglu_mlp):
     return moe
 
 
+def make_norms(native) -> dict:
+    """rms_norm and add_rms_norm (norm.c) for decode rows: the reference's roundings in one call."""
+    def _takes(x, weight):
+        return (x.dim() == 2 and x.shape[0] <= NORM_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32)
+                and weight.dtype == x.dtype and x.is_contiguous() and weight.is_contiguous())
+
+    def add_rms_norm(x, residual, weight, eps):
+        if not (_takes(x, weight) and residual.dtype == x.dtype and residual.shape == x.shape
+                and residual.is_contiguous()):
+            return ref_add_rms_norm(x, residual, weight, eps)
+        out, summed = torch.empty_like(x), torch.empty_like(x)
+        native.add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), summed.data_ptr(),
+                            x.shape[0], x.shape[1], eps, x.dtype == torch.bfloat16)
+        return out, summed
+
+    def rms_norm(x, weight, eps):
+        if not _takes(x, weight):
+            return ref_rms_norm(x, weight, eps)
+        out = torch.empty_like(x)
+        native.add_rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), None, x.shape[0], x.shape[1],
+                            eps, x.dtype == torch.bfloat16)
+        return out
+
+    add_rms_norm.ernie_hal_impl = rms_norm.ernie_hal_impl = "cpu-native-norm"
+    return {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm}
+
+
 def fast_ops(native) -> dict:
     """op -> kernel for the ops the CPU backend runs its own way; the rest stay the reference's."""
     linear = make_linear(native)
     swiglu = make_swiglu_mlp(linear)
     experts = make_moe_experts(swiglu)
-    return {"linear": linear, "swiglu_mlp": swiglu, "moe_experts": experts, "moe": make_moe(experts, swiglu)}
+    return {"linear": linear, "swiglu_mlp": swiglu, "moe_experts": experts, "moe": make_moe(experts, swiglu),
+            **make_norms(native)}

@@ -1,4 +1,4 @@
-"""The CPU decode GEMVs (gemv.c: bf16/fp32; qgemv.c: wint8/wint4), built once with the system C
+"""The CPU decode kernels (gemv.c: bf16/fp32 GEMV; qgemv.c: wint8/wint4; norm.c), built once with the system C
 compiler and loaded with ctypes.
 
 Built on first use into the ernie-hal cache (keyed by the source, compiler and CPU flags, so an
@@ -24,7 +24,7 @@ import tempfile
 import torch  # noqa: F401 - loads torch's libgomp before the kernel library asks for it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "norm.c"))
 HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h",))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 NATIVE_ISA = ("-march=native",)   # dropped by ERNIE_HAL_CPU_NATIVE=portable: the plain C loops (tests)
@@ -33,7 +33,7 @@ ISA_NAMES = {0: "portable C", 1: "AVX-512", 2: "AVX-512 BF16"}
 
 class NativeGemv:
     """The loaded library: `bf16` and `f32` GEMVs, the quantized `qgemv` and `qdequant`
-    (qgemv.c), and which inner loops each has."""
+    (qgemv.c), the decode `add_rms_norm` (norm.c), and which inner loops each has."""
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -48,6 +48,9 @@ class NativeGemv:
         self.qgemv.restype = i32
         self.qdequant.argtypes = [i32, vp, vp, i64, vp, i32, i64, i64, i64, i32]
         self.qdequant.restype = None
+        self.add_rms_norm = lib.ernie_add_rms_norm
+        self.add_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, i32]
+        self.add_rms_norm.restype = None
         lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(lib.ernie_gemv_isa(), "?")
         self.qisa = ISA_NAMES.get(lib.ernie_qgemv_isa(), "?")
@@ -87,7 +90,7 @@ def build(cc: str, portable: bool = False) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(dest))
     os.close(fd)
     try:
-        run = subprocess.run([cc, *flags, "-o", tmp, *SOURCES], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([cc, *flags, "-o", tmp, *SOURCES, "-lm"], capture_output=True, text=True, timeout=120)
         if run.returncode:
             raise RuntimeError(f"{cc} failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}")
         os.replace(tmp, dest)        # atomic: a concurrent load sees a whole library or none

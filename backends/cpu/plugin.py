@@ -33,7 +33,8 @@ def ernie_hal_get_kernel(backend, op, spec):
         # weight-only quantized weights: the native wint8/wint4 GEMV, or torch's weight-pack GEMMs (quant_kernels.py)
         from ...kernels.reference import OPS_QUANT
         from .quant_kernels import OPS as QUANT
-        return QUANT.get(op) or OPS_QUANT.get(op)
+        norms = {k: v for k, v in _fast_ops().items() if k.endswith("rms_norm")}   # weights plain there too
+        return QUANT.get(op) or norms.get(op) or OPS_QUANT.get(op)
     fast = _fast_ops().get(op)
     if fast is not None:
         return fast

@@ -18,7 +18,7 @@ Without it (no compiler, ERNIE_HAL_CPU_NATIVE=0), torch's own weight-pack GEMMs:
                       a per-channel or wider group repeats its scale over groups of 256
 and those copies replace the packed integers except for the embedding table, whose lookup reads
 rows (a tied wint4 table is then held in both layouts).
-Measured against each other on the 0.3B shapes: benchmarks/bench_ops.py --quant.
+Measured against each other on the 0.3B shapes: benchmarks/bench_quant_cpu.py.
 """
 
 from __future__ import annotations

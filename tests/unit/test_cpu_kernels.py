@@ -114,7 +114,7 @@ def test_grouped_experts_match_reference(dtype, T):
     got = moe(x, router, bias, fg, fu, down, k, 1e-12, shared=(shared[3], shared[4], shared[2]))
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     if ops is not None:
-        assert set(ops) == {"linear", "swiglu_mlp", "moe_experts", "moe"}
+        assert set(ops) == {"linear", "swiglu_mlp", "moe_experts", "moe", "rms_norm", "add_rms_norm"}
 
 
 def test_the_cpu_backend_binds_the_fast_kernels_where_the_library_builds():
@@ -162,3 +162,38 @@ def test_native_library_says_why_when_it_cannot_be_used(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     lib, why = native.load.__wrapped__()
     assert lib is None and "build failed" in why and not list(tmp_path.rglob("*.so"))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,H", [(1, 1024), (3, 64), (8, 200), (40, 96)])
+def test_native_norms_match_reference(dtype, rows, H):
+    """bf16: bit for bit (the same roundings in the same order); fp32: within an ulp or two (the
+    sum of squares is added in another order)."""
+    norms = cpu_kernels.make_norms(NATIVE)
+    g = torch.Generator().manual_seed(rows + H)
+    x, r = (torch.randn(rows, H, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype)
+    out, summed = norms["add_rms_norm"](x, r, w, 1e-6)
+    want, want_summed = ref.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(summed, want_summed)
+    one = norms["rms_norm"](x, w, 1e-5)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, want) and torch.equal(one, ref.rms_norm(x, w, 1e-5))
+    else:
+        torch.testing.assert_close(out, want, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(one, ref.rms_norm(x, w, 1e-5), rtol=2e-6, atol=2e-6)
+
+
+@needs_native
+def test_native_norms_leave_other_inputs_to_the_reference():
+    norms = cpu_kernels.make_norms(NATIVE)
+    cases = [torch.randn(2, 64, dtype=torch.float16),                          # a dtype norm.c lacks
+             torch.randn(cpu_kernels.NORM_MAX_ROWS + 1, 64),                    # prefill-sized
+             torch.randn(64, 4).t()]                                            # not contiguous
+    for x in cases:
+        w = torch.rand(x.shape[1], dtype=x.dtype)
+        assert torch.equal(norms["rms_norm"](x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+        out, summed = norms["add_rms_norm"](x, x, w, 1e-6)
+        want, want_summed = ref.add_rms_norm(x, x, w, 1e-6)
+        assert torch.equal(out, want) and torch.equal(summed, want_summed)
