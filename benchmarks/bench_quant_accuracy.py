@@ -78,7 +78,12 @@ def main():
               f"  KL {row['mean_kl']:.5f}  weights {q['weight_bytes'] / 2**20:.0f} MiB (bf16 {bf16_bytes / 2**20:.0f})",
               flush=True)
         del m
+    from ernie_hal.core.model.config import preset
+    full_layers = preset(args.preset).num_hidden_layers
+    depth = (f"truncated to {args.layers} of the preset's {full_layers} layers (make-checkpoint --layers), "
+             f"so the error is that of a {args.layers}-layer network" if args.layers else f"all {full_layers} layers")
     result = {"benchmark": "bench_quant_accuracy", "preset": args.preset, "layers": args.layers,
+              "preset_layers": full_layers, "depth": depth,
               "model": args.model, "random_weights": True, "activations": "bf16", "reference": "bf16 weights",
               "positions": args.positions * args.prompts, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_quant_accuracy_{tag}.json"))

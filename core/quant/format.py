@@ -32,6 +32,9 @@ class PackedWeight:
     shape: tuple
     dtype: torch.dtype
     native: object = field(default=None, repr=False)
+    # a part of a fused weight (`rows`): the fused PackedWeight, prepared, and where its rows start
+    parent: "PackedWeight | None" = field(default=None, repr=False)
+    row0: int = 0
 
     @property
     def bits(self) -> int:
@@ -60,8 +63,27 @@ class PackedWeight:
     def __getitem__(self, i) -> "PackedWeight":
         """One weight of a stack (expert i of [E, out, in])."""
         native = self.native[i] if isinstance(self.native, (list, tuple)) else None
-        return PackedWeight(self.data[i], self.scales[i], self.spec, tuple(self.data[i].shape[:-1]) + self.shape[-1:],
-                            self.dtype, native)
+        parent = None if self.parent is None else self.parent[i]
+        return PackedWeight(self.data[i], self.scales[i], self.spec, tuple(self.shape[1:]), self.dtype, native,
+                            parent, self.row0)
+
+    def rows(self, start: int, stop: int) -> "PackedWeight":
+        """Rows [start, stop) of each weight (dim -2) as a view: one part of a fused weight, the
+        same values as that part quantized alone. data and scales are sliced where the backend
+        kept them (prepare_weight may hold its own layout in `native` instead); `parent` is this
+        weight, so a kernel can run one projection for adjacent parts."""
+        def part(t):
+            return t.narrow(-2, start, stop - start) if t.dim() >= 2 and t.shape[-2] == self.shape[-2] else t
+        return PackedWeight(part(self.data), part(self.scales), self.spec,
+                            tuple(self.shape[:-2]) + (stop - start, self.shape[-1]), self.dtype, None, self, start)
+
+    def split_rows(self, sizes) -> tuple:
+        """Consecutive row parts of these sizes (a fused [q; k; v] or [gate; up])."""
+        out, at = [], 0
+        for n in sizes:
+            out.append(self.rows(at, at + n))
+            at += n
+        return tuple(out)
 
     def __len__(self) -> int:
         return self.shape[0]

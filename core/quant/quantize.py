@@ -58,8 +58,8 @@ def quantize_rows_into(w: torch.Tensor, out: PackedWeight, start: int = 0,
     """Quantize the rows `w` ([n, in] or a stack, any float dtype) into rows [start, start + n)
     of `out` (whose data/scales flatten to rows: a weight, or a stack of them)."""
     cols = w.shape[-1]
-    data = out.data.reshape(-1, out.data.shape[-1])
-    scales = out.scales.reshape(-1, out.scales.shape[-1])
+    data = out.data.view(-1, out.data.shape[-1])        # view: a copy would drop the writes
+    scales = out.scales.view(-1, out.scales.shape[-1])
     w = w.reshape(-1, cols)
     if amax is not None:
         amax = amax.reshape(-1, amax.shape[-1])

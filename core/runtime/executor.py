@@ -16,11 +16,13 @@ tied head, fp32 router kept fp32), never in forward.
 Fusion is a load step too: `ResidentWeights` reads q, k and v into one [q; k; v] buffer and
 every gate/up pair (dense MLP, shared experts, each routed expert) into one [gate; up] buffer,
 row-concatenated (core/runtime/fuse.py). Weight-only quantized models (graph.quant) hold
-PackedWeights (core/quant) where tensors would be, quantized tensor by tensor as they are read
-(or read packed from a quantized checkpoint), each passed once through the kernel table's
-prepare_weight into the layout the bound kernels read; they are not fused yet (a fused packed
-weight is a row concatenation, core.quant.cat_rows, but the CPU layouts are per weight). The executor runs one projection over `qkv` and
-splits the output; gate and up stay views of their buffer, so every swiglu/moe kernel keeps its
+PackedWeights (core/quant) where tensors would be, quantized a block of rows at a time as they
+are read (or read packed from a quantized checkpoint) straight into their rows of the fused
+buffer, then passed once through the kernel table's prepare_weight into the layout the bound
+kernels read. Packed [q; k; v] always fuses (the executor runs one linear over it); packed
+[gate; up] fuses where the kernels can take parts of a fused weight (`_parts_readable`), else
+each is its own weight. The executor runs one projection over `qkv` and splits the output;
+gate and up stay views (row parts) of their buffer, so every swiglu/moe kernel keeps its
 signature and a kernel that sees the two adjacent (backends/cpu) runs one projection for both.
 """
 
@@ -52,7 +54,7 @@ class LayerWeights:
     bias: torch.Tensor | None = None
     experts: tuple | None = None      # stacked (gate [E,I,H], up [E,I,H], down [E,H,I])
     shared: tuple | None = None
-    qkv: torch.Tensor | None = None   # [q; k; v] rows in one buffer (q, k, v are views of it)
+    qkv: torch.Tensor | None = None   # [q; k; v] rows in one buffer (q, k, v are views / row parts of it)
 
 
 class ResidentWeights:
@@ -61,11 +63,13 @@ class ResidentWeights:
     fully_resident = True     # no host work per step: decode can be captured as a device graph
 
     def __init__(self, graph: ModelGraph, checkpoint, backend: Backend, dtype: torch.dtype, progress=None,
-                 prepare=None, stored_quant: bool = False):
+                 prepare=None, stored_quant: bool = False, fuse: bool = True):
         self.graph, self.ckpt, self.backend, self.dtype = graph, checkpoint, backend, dtype
         self.progress = progress
         self.prepare = prepare or (lambda w, role=None: w)   # kernel table's prepare_weight (quantized models)
         self.stored_quant = stored_quant          # the checkpoint holds packed weights already
+        self.fuse = fuse                          # False: packed weights one by one (float ones always fuse)
+        self.fuse_gate_up = None                  # packed: decided by the first prepared weight (_parts_readable)
         self.layers = []
         for b in graph.blocks:
             self.layers.append(self._load_block(b))
@@ -141,20 +145,61 @@ class ResidentWeights:
         return lw
 
     def _load_block_packed(self, b) -> LayerWeights:
-        """Packed weights one by one (no fusion): each its own PackedWeight, prepared once."""
-        lw = LayerWeights(input_norm=self._load(b.input_norm), q=self._load(b.q), k=self._load(b.k),
-                          v=self._load(b.v), o=self._load(b.o), post_norm=self._load(b.post_norm))
+        """Packed weights: [q; k; v] fused always (one linear over more rows); [gate; up] fused
+        where the bound kernels can read a part of a fused weight (`_parts_readable`)."""
+        if self.fuse:
+            qkv, (q, k, v) = self._fused_packed([b.q, b.k, b.v])
+            if self.fuse_gate_up is None:
+                self.fuse_gate_up = self._parts_readable(qkv)
+        else:
+            qkv, (q, k, v) = None, (self._load(b.q), self._load(b.k), self._load(b.v))
+        lw = LayerWeights(input_norm=self._load(b.input_norm), q=q, k=k, v=v, o=self._load(b.o),
+                          post_norm=self._load(b.post_norm), qkv=qkv)
         if b.mlp is not None:
-            lw.mlp = tuple(self._load(r) for r in b.mlp.refs())
+            lw.mlp = self._mlp_packed(b.mlp)
         else:
             m = b.moe
             lw.router = self._load(m.router)
             lw.bias = self._load(m.bias).reshape(-1)
-            lw.experts = (self._stack([e.gate for e in m.experts]), self._stack([e.up for e in m.experts]),
-                          self._stack([e.down for e in m.experts]))
+            down = self._stack([e.down for e in m.experts])
+            if self.fuse_gate_up:
+                _, (gate, up) = self._fused_packed([[e.gate for e in m.experts], [e.up for e in m.experts]])
+            else:
+                gate, up = self._stack([e.gate for e in m.experts]), self._stack([e.up for e in m.experts])
+            lw.experts = (gate, up, down)
             if m.shared is not None:
-                lw.shared = tuple(self._load(r) for r in m.shared.refs())
+                lw.shared = self._mlp_packed(m.shared)
         return lw
+
+    def _mlp_packed(self, m) -> tuple:
+        if self.fuse_gate_up:
+            _, (gate, up) = self._fused_packed([m.gate, m.up])
+            return gate, up, self._load(m.down)
+        return tuple(self._load(r) for r in m.refs())
+
+    def _fused_packed(self, parts) -> tuple:
+        """(fused PackedWeight, its row parts): each part (a ref, or a list of refs: the experts
+        of a stack) quantized or read straight into its rows of one buffer, never held in float,
+        then one prepare_weight call for the whole. Groups run along the input dimension and
+        scales are per row, so the rows are exactly the parts' own quantization."""
+        stacks = [p if isinstance(p, list) else [p] for p in parts]
+        first = stacks[0][0]
+        rows = [s[0].shape[0] for s in stacks]
+        lead = (len(stacks[0]),) if isinstance(parts[0], list) else ()
+        fused = empty_packed(first.quant, lead + (sum(rows), first.shape[-1]), self.dtype, self.backend.alloc)
+        for refs, view in zip(stacks, fused.split_rows(rows)):
+            for i, ref in enumerate(refs):
+                read_packed(self.ckpt, ref, self.dtype, self.stored_quant, out=view, index=i if lead else None)
+                self._tick(ref.nbytes)
+        prepared = self.prepare(fused, first.role)
+        return prepared, prepared.split_rows(rows)
+
+    def _parts_readable(self, prepared) -> bool:
+        """Can the bound kernels take parts of a fused packed weight (swiglu_mlp / moe given the
+        [gate; up] parts)? Yes where they read data/scales (prepare_weight left `native` None: the
+        parts are plain row views), or where prepare_weight says its kernels use `PackedWeight.parent`
+        (`reads_fused_parts`, data on the kernel). Otherwise each part would need its own `native`."""
+        return prepared.native is None or bool(getattr(self.prepare, "reads_fused_parts", False))
 
     def _tick(self, nbytes):
         if self.progress is not None:
