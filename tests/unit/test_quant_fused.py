@@ -1,7 +1,8 @@
 """Fused packed weights: [q; k; v] and [gate; up] (dense MLP, shared experts, routed experts)
 quantized part by part into the rows of one buffer and prepared once give exactly the logits and
 greedy tokens of the same weights loaded one by one, on the CPU kernels as bound and on the
-reference kernels (which read the [gate; up] parts as row views of the fused buffer)."""
+reference kernels and the emulated GPU (Triton) kernels, which read the [gate; up] parts as row
+views of the fused buffer."""
 
 import pytest
 import torch
@@ -79,3 +80,20 @@ def test_a_fused_packed_stored_checkpoint_loads_its_parts_exactly(source, tmp_pa
         assert torch.equal(lw.experts[1][2].data, ck.read(name))
         assert torch.equal(lw.experts[1][2].scales, ck.read(name + "_scale"))
         assert torch.equal(lw.k.data, ck.read("model.layers.1.self_attn.k_proj.weight"))
+
+
+def test_emulated_gpu_kernels_read_the_fused_parts_exactly():
+    """The Triton packed kernels (emulated cuda binding) take [gate; up] as strided row parts of
+    one fused stack: the same logits and greedy ids as separate stacks."""
+    from ernie_hal.core.plugins.emulate import emulate, interpreter_problem
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    m = ernie_hal.load("tiny-moe", device=emulate("cuda", "H100"), dtype="fp32", quantization="wint4",
+                       group_size=32, allow_fallback=False)
+    assert m.model.weights.fuse_gate_up          # the Triton kernels read data/scales: parts fuse
+    ids = IDS[:12]
+    fused = m.logits(ids), m.generate(ids, max_new_tokens=3, temperature=0, ignore_eos=True).token_ids
+    m.model.weights = ResidentWeights(m.model.graph, Checkpoint.open(m.path), m.backend, m.dtype,
+                                      prepare=m.model.kernels.prepare_weight, fuse=False)
+    unfused = m.logits(ids), m.generate(ids, max_new_tokens=3, temperature=0, ignore_eos=True).token_ids
+    assert torch.equal(fused[0], unfused[0]) and fused[1] == unfused[1]
