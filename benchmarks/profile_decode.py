@@ -20,6 +20,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _key(t):
+    """(storage address, shape) of a weight, plain or packed (PackedWeight: its integers)."""
+    data = getattr(t, "data", t) if not hasattr(t, "data_ptr") else t
+    return data.data_ptr(), tuple(t.shape)
+
+
 def profile(model, steps: int, clock) -> dict:
     ops = model.model.kernels.ops
     vocab = model.config.vocab_size
@@ -28,7 +34,7 @@ def profile(model, steps: int, clock) -> dict:
         for name in ("qkv", "q", "k", "v", "o"):
             t = getattr(lw, name, None)
             if t is not None:
-                names.setdefault((t.data_ptr(), tuple(t.shape)), name)
+                names.setdefault(_key(t), name)
     spent, calls, depth = collections.Counter(), collections.Counter(), [0]
 
     def wrap(op, fn):
@@ -44,7 +50,7 @@ def profile(model, steps: int, clock) -> dict:
                     if op == "linear":
                         w = a[1]
                         key = "linear head" if w.shape[0] == vocab else \
-                            "linear " + names.get((w.data_ptr(), tuple(w.shape)), "other")
+                            "linear " + names.get(_key(w), "other")
                     spent[key] += clock() - t0
                     calls[key] += 1
         return timed
@@ -79,6 +85,8 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
+    ap.add_argument("--quantization", default=None, help="wint8 | wint4 (quantized at load)")
+    ap.add_argument("--group-size", type=int, default=None)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     import torch
@@ -87,15 +95,16 @@ def main():
     from ernie_hal.core.atomic import write_json
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype)
+    quant = {} if args.quantization is None else {"quantization": args.quantization, "group_size": args.group_size}
+    model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, **quant)
     result = profile(model, args.steps, clock)
     result.update(benchmark="profile_decode", model=args.model, device=args.device, dtype=args.dtype,
-                  threads=args.threads, clock=args.clock, kernels=model.kernels,
+                  threads=args.threads, clock=args.clock, kernels=model.kernels, quantization=args.quantization,
                   date=time.strftime("%Y-%m-%d"))
     for r in result["rows"]:
         print(f"{r['what']:32s} {r['ms_per_step']:8.2f} ms/step {r['share']:6.1%}")
     print(f"total {result['ms_per_step']:.1f} ms/step ({args.clock} clock, {args.threads} thread(s))")
-    dest = args.output or os.path.join(HERE, "results", f"profile_decode_{args.device.split(':')[0]}_{args.dtype}.json")
+    dest = args.output or os.path.join(HERE, "results", f"profile_decode_{args.device.split(':')[0]}_{args.quantization or args.dtype}.json")
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     write_json(dest, result)
     print(f"saved {dest}")

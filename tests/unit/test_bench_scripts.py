@@ -70,6 +70,16 @@ def test_profile_decode_splits_a_step_by_op(tmp_path):
     assert data["ms_per_step"] > 0 and all(r["ms_per_step"] >= 0 for r in data["rows"] if "rest" not in r["what"])
 
 
+def test_profile_decode_names_packed_projections(tmp_path):
+    out = tmp_path / "prof.json"
+    proc = run("profile_decode.py", "--model", "tiny", "--dtype", "fp32", "--steps", 2, "--quantization", "wint4",
+               "--group-size", 32, "--output", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    whats = {r["what"] for r in data["rows"]}
+    assert data["quantization"] == "wint4" and {"linear head", "linear q", "linear o", "swiglu_mlp"} <= whats
+
+
 def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
     """scripts/gpu_checks.sh is what a session with a GPU runs in one call; QUICK=1 on the CPU
     checks that every step's command line works before GPU time is spent on it."""
