@@ -411,7 +411,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
                 plan=None, eager=True, prefix_caching=prefix_caching)
     out.parallel = describe(graph, tp, expert_parallel, dtype, quant)
     for row, mem in zip(out.parallel["ranks"], model.rank_memory):
-        row.update(rss_before_load_bytes=mem["rss_before_load_bytes"], peak_rss_bytes=mem["peak_rss_bytes"])
+        row.update({k: v for k, v in mem.items() if k != "rank"})
     out.group = group
     import atexit
     atexit.register(group.close)  # a script that never closes still stops its workers

@@ -95,7 +95,7 @@ def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_para
                quant=None) -> ParallelModel:
     """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives;
     `quant` (a QuantSpec, checked by the caller against the checkpoint) packs its weights.
-    Ends with every rank's host memory (RSS before loading, peak after) gathered in
+    Ends with every rank's host memory (RSS before loading, peak and RSS after) gathered in
     `model.rank_memory`."""
     config = ckpt.config
     stored = qckpt.stored_spec(config) is not None
@@ -122,12 +122,13 @@ def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_para
                               final_norm=graph.final_norm, head=graph.head, quant=quant)
     model = ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
     before = _rss() if rss_before is None else rss_before
-    mine = torch.tensor([before, _peak_rss()], dtype=torch.int64)
+    mine = torch.tensor([before, _peak_rss(), _rss()], dtype=torch.int64)
     try:
-        rows = group.control.all_gather(mine, dim=0).reshape(-1, 2).tolist()
+        rows = group.control.all_gather(mine, dim=0).reshape(-1, 3).tolist()
     except CollectiveError as e:
         raise group.error(e) from None
-    model.rank_memory = [dict(rank=r, rss_before_load_bytes=b, peak_rss_bytes=p) for r, (b, p) in enumerate(rows)]
+    model.rank_memory = [dict(rank=r, rss_before_load_bytes=b, peak_rss_bytes=p, rss_after_load_bytes=a)
+                         for r, (b, p, a) in enumerate(rows)]
     return model
 
 

@@ -132,16 +132,21 @@ QCFG = dict(vocab_size=509, hidden_size=256, intermediate_size=512, num_hidden_l
 
 @pytest.mark.parametrize("scheme,group,ep", [("wint8", -1, False), ("wint4", 128, False), ("wint4", -1, True),
                                              ("wint8", 64, True)])
-def test_packed_shards_are_the_slices_of_the_whole_packed_weight(tmp_path, scheme, group, ep):
+def test_packed_shards_are_the_slices_of_the_whole_packed_weight(tmp_path, monkeypatch, scheme, group, ep):
     """Every rank's packed slice (read from a quantized checkpoint, or quantized from the float
-    slice where no collective is needed) dequantizes to exactly its rows/columns of the whole
-    packed weight; vocabulary padding rows dequantize to 0."""
+    slice in blocks of a few rows) dequantizes to exactly its rows/columns of the whole packed
+    weight; vocabulary padding rows dequantize to 0. Per channel, a row-parallel slice quantized
+    at load takes the whole row's max from `reduce_max` (across processes in test_parallel_quant;
+    here the whole tensor's, which the all-reduce computes)."""
     from ernie_hal.core.model.config import ModelConfig
     from ernie_hal.core.model.quantized_writer import write_quantized_checkpoint
+    from ernie_hal.core.parallel import packed as packed_mod
     from ernie_hal.core.parallel.packed import alloc_packed, read_shard, rows
     from ernie_hal.core.quant import resolve
     from ernie_hal.core.quant.checkpoint import scale_name
+    from ernie_hal.core.quant.quantize import group_amax
     from ernie_hal.kernels.reference.dequant import dequantize
+    monkeypatch.setattr(packed_mod, "BLOCK_VALUES", 1000)      # several blocks per tensor
     cfg, spec = ModelConfig(**QCFG), resolve(scheme, group)
     src = write_random_checkpoint(cfg, str(tmp_path / "src"), seed=2, dtype="bfloat16")
     packed = Checkpoint.open(write_quantized_checkpoint(src, str(tmp_path / "q"), spec))
@@ -155,11 +160,15 @@ def test_packed_shards_are_the_slices_of_the_whole_packed_weight(tmp_path, schem
                 continue
             whole = dequantize(packed.read(ref.name), packed.read(scale_name(ref.name)), spec.bits)
             want = whole if s.dim is None else whole.narrow(s.dim, s.start, s.stop - s.start)
-            at_load = spec.group_size != -1 or s.dim != 1    # the per-channel column case needs the group
-            for stored in (True, False) if at_load else (True,):
+            whole_amax = group_amax(floats.read(ref.name), spec)
+
+            def reduce_max(t):
+                assert s.dim == 1 and spec.group_size == -1       # only asked for per-channel columns
+                return t.copy_(whole_amax)
+            for stored in (True, False):
                 out = alloc_packed(ref, s.shape, torch.float32, None, padded=True)
                 part = rows(out, s.stop - s.start) if s.dim == 0 else out
-                read_shard(packed if stored else floats, ref, s, stored, None, part)
+                read_shard(packed if stored else floats, ref, s, stored, reduce_max, part)
                 got = out.dequantize()
                 assert torch.equal(got[:want.shape[0]], want), (ref.name, lay.rank, stored)
                 assert not got[want.shape[0]:].any()
