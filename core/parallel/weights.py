@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rss import release_free_heap
 from ..runtime.executor import LayerWeights
 from .layout import RankLayout
 from .packed import alloc_packed, read_shard, rows
@@ -49,7 +50,11 @@ class ShardedWeights:
             self._read_into(graph.embed, self.table[:vocab_rows])
             self.head = self.table[:lay.vocab_per_rank] if graph.tied else self._load_padded(graph.head)
         self.final_norm = self._load(graph.final_norm)
-        self.layers = [self._load_block(b) for b in graph.blocks]
+        self.layers = []
+        for b in graph.blocks:
+            self.layers.append(self._load_block(b))
+            if graph.quant is not None:   # quantizing freed temporaries between kept weights (core/rss.py)
+                release_free_heap()
 
     # ---- loading -----------------------------------------------------------------------------
     def _read_into(self, ref, out):

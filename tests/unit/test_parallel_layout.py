@@ -4,6 +4,7 @@ refusals, vocabulary padding, bytes per rank. The multi-process runs are in test
 
 from __future__ import annotations
 
+import importlib
 import struct
 
 import pytest
@@ -140,13 +141,13 @@ def test_packed_shards_are_the_slices_of_the_whole_packed_weight(tmp_path, monke
     here the whole tensor's, which the all-reduce computes)."""
     from ernie_hal.core.model.config import ModelConfig
     from ernie_hal.core.model.quantized_writer import write_quantized_checkpoint
-    from ernie_hal.core.parallel import packed as packed_mod
+    quantize_mod = importlib.import_module("ernie_hal.core.quant.quantize")
     from ernie_hal.core.parallel.packed import alloc_packed, read_shard, rows
     from ernie_hal.core.quant import resolve
     from ernie_hal.core.quant.checkpoint import scale_name
     from ernie_hal.core.quant.quantize import group_amax
     from ernie_hal.kernels.reference.dequant import dequantize
-    monkeypatch.setattr(packed_mod, "BLOCK_VALUES", 1000)      # several blocks per tensor
+    monkeypatch.setattr(quantize_mod, "BLOCK_VALUES", 1000)    # several blocks per tensor
     cfg, spec = ModelConfig(**QCFG), resolve(scheme, group)
     src = write_random_checkpoint(cfg, str(tmp_path / "src"), seed=2, dtype="bfloat16")
     packed = Checkpoint.open(write_quantized_checkpoint(src, str(tmp_path / "q"), spec))
