@@ -7,7 +7,8 @@ Gaussian weights of the real shapes, not what it does to a trained model with ou
     python benchmarks/bench_quant_accuracy.py [--preset ernie-4.5-0.3b] [--layers N] [--positions 256]
         [--schemes wint8 wint8:128 wint4 wint4:64 wint4:32]
 
---layers truncates the depth (the 21B-A3B shape at a few layers fits this machine; say so).
+--layers truncates the depth (the 21B-A3B shape at 4 of its 28 layers, 5.1 GiB in bf16, fits this
+machine; the JSON says so in "depth"). The JSON is rewritten after every scheme.
 Writes benchmarks/results/bench_quant_accuracy_<preset>[_L<layers>].json.
 """
 
@@ -62,7 +63,17 @@ def main():
     ref = torch.cat([base.logits(p) for p in prompts])
     bf16_bytes = base.quantization["weight_bytes"]
     del base
+    from ernie_hal.core.model.config import preset
+    full_layers = preset(args.preset).num_hidden_layers
+    depth = (f"truncated to {args.layers} of the preset's {full_layers} layers (make-checkpoint --layers), "
+             f"so the error is that of a {args.layers}-layer network" if args.layers else f"all {full_layers} layers")
     rows = []
+    result = {"benchmark": "bench_quant_accuracy", "preset": args.preset, "layers": args.layers,
+              "preset_layers": full_layers, "depth": depth,
+              "model": args.model, "random_weights": True, "activations": "bf16", "reference": "bf16 weights",
+              "positions": args.positions * args.prompts, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "schemes_asked": args.schemes}
+    dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_quant_accuracy_{tag}.json"))
     for s in args.schemes:
         scheme, _, group = s.partition(":")
         t = time.perf_counter()
@@ -78,16 +89,7 @@ def main():
               f"  KL {row['mean_kl']:.5f}  weights {q['weight_bytes'] / 2**20:.0f} MiB (bf16 {bf16_bytes / 2**20:.0f})",
               flush=True)
         del m
-    from ernie_hal.core.model.config import preset
-    full_layers = preset(args.preset).num_hidden_layers
-    depth = (f"truncated to {args.layers} of the preset's {full_layers} layers (make-checkpoint --layers), "
-             f"so the error is that of a {args.layers}-layer network" if args.layers else f"all {full_layers} layers")
-    result = {"benchmark": "bench_quant_accuracy", "preset": args.preset, "layers": args.layers,
-              "preset_layers": full_layers, "depth": depth,
-              "model": args.model, "random_weights": True, "activations": "bf16", "reference": "bf16 weights",
-              "positions": args.positions * args.prompts, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    dest = os.path.abspath(args.output or os.path.join(RESULTS, f"bench_quant_accuracy_{tag}.json"))
-    write_json(dest, result)
+        write_json(dest, result)       # after every scheme: a run cut short keeps the rows it measured
     print(f"saved {dest}")
 
 
