@@ -77,7 +77,7 @@ def test_profile_decode_names_packed_projections(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     whats = {r["what"] for r in data["rows"]}
-    assert data["quantization"] == "wint4" and {"linear head", "linear q", "linear o", "swiglu_mlp"} <= whats
+    assert data["quantization"] == "wint4" and {"linear head", "linear qkv", "linear o", "swiglu_mlp"} <= whats  # packed qkv fused too
 
 
 def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
