@@ -21,6 +21,7 @@ import torch
 
 from . import names as N
 from .config import ConfigError, ModelConfig
+from .pread import ShortReadError, pread_into
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -147,13 +148,19 @@ class _Shard:
         self.viewed = False       # a view() tensor may point into mm
         self.lock = threading.Lock()
 
+    def descriptor(self) -> int:
+        with self.lock:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            return self.fd
+
     def map(self) -> mmap.mmap:
+        fd = self.descriptor()
         with self.lock:
             if self.mm is None:
-                self.fd = os.open(self.path, os.O_RDONLY)
                 # ACCESS_COPY (MAP_PRIVATE) gives a writable buffer, which torch.frombuffer needs
                 # without a warning; pages stay shared with the page cache until written.
-                self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+                self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             return self.mm
 
     def drop_pages(self, start: int, length: int) -> None:
@@ -348,6 +355,21 @@ class Checkpoint:
         row_bytes = ref.nbytes // ref.shape[0]
         span = (start * row_bytes, stop * row_bytes) if dim == 0 else None
         return self._land(name, src.reshape(shape), out, release, span)
+
+    def pread(self, name: str, out: torch.Tensor, start: int = 0, release: bool = False) -> torch.Tensor:
+        """Bytes [start, start + out.nbytes) of tensor `name`'s data into `out` (contiguous CPU,
+        its dtype taken as is) by pread, not through the mapping: one large read instead of a page
+        fault per page, for streaming big tensors block by block. `release` drops those pages."""
+        ref = self.ref(name)
+        n = out.numel() * out.element_size()
+        if not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"pread({name!r}): out must be a contiguous CPU tensor")
+        if not 0 <= start <= start + n <= ref.nbytes:
+            raise ValueError(f"pread({name!r}): bytes [{start}, {start + n}) are outside the tensor's {ref.nbytes}")
+        try:
+            return pread_into(self._shards[ref.file].descriptor(), ref.offset + start, out, ref.file, release)
+        except ShortReadError as e:
+            raise CheckpointError(str(e)) from None
 
     def view(self, name: str) -> torch.Tensor:
         """Zero-copy CPU tensor over the mapped file. It keeps the mapping alive (even past close())

@@ -1,9 +1,12 @@
 """write_quantized_checkpoint: a -PT checkpoint -> the quantized checkpoint format
 (core/quant/checkpoint.py), streamed one tensor at a time and made visible all at once.
 
-Each weight is read from the source, quantized, written and dropped, so memory holds one float
-tensor and its packed form at a time. The result appears by rename from a temporary sibling
-directory: an interrupted run leaves nothing half-written under the output name.
+Each weight is streamed in blocks of whole rows (`block_bytes` of source, read with pread and its
+pages dropped): a block is quantized and its integers written before the next is read, so memory
+holds one float block, its packed form, and the weight's scales (written after its integers).
+Scales are per row, so the blocks give bit for bit the result of quantizing the whole tensor.
+Other tensors are copied in blocks of the same size. The result appears by rename from a
+temporary sibling directory: an interrupted run leaves nothing half-written under the output name.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ import torch
 
 from ..atomic import write_json
 from ..quant import checkpoint as qckpt
-from ..quant.quantize import quantize
+from ..quant.format import empty_packed
+from ..quant.quantize import quantize_rows_into
 from ..quant.scheme import QuantError, QuantSpec
 from .checkpoint_reader import INDEX, SINGLE, Checkpoint
 from .checkpoint_writer import DEFAULT_MAX_SHARD_BYTES, _move_into_place, _sibling, plan_shards, shard_header
 from .graph import build
 
 SKIP = {"config.json", INDEX}
+BLOCK_BYTES = 32 << 20     # source bytes per read: large reads, a bounded float block in memory
 
 
 def write_quantized_checkpoint(src: str, out_dir: str, spec: QuantSpec,
                                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress=None,
-                               overwrite: bool = False) -> str:
+                               overwrite: bool = False, block_bytes: int = BLOCK_BYTES) -> str:
     """Quantize checkpoint `src` into `out_dir` (must not exist or be empty unless overwrite).
     Tokenizer and generation files are copied; config.json gains `quantization_config`."""
     ckpt = Checkpoint.open(src)
@@ -65,9 +70,12 @@ def write_quantized_checkpoint(src: str, out_dir: str, spec: QuantSpec,
             with open(os.path.join(staging, fname), "wb") as f:
                 f.write(shard_header(entries))
                 for name, shape, dtype, nbytes in entries:
-                    t = _tensor(ckpt, refs, pending, name, spec)
-                    assert t.dtype == dtype and tuple(t.shape) == shape, (name, t.shape, shape)
-                    f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
+                    written = 0
+                    for t in _blocks(ckpt, refs, pending, name, spec, block_bytes):
+                        assert t.dtype in (dtype, torch.uint8), (name, t.dtype, dtype)    # uint8: raw copy
+                        f.write(t.contiguous().view(-1).view(torch.uint8).numpy())
+                        written += t.numel() * t.element_size()
+                    assert written == nbytes, (name, written, nbytes, shape)
                     if progress is not None:
                         progress(nbytes)
         if len(shards) > 1:
@@ -84,14 +92,50 @@ def write_quantized_checkpoint(src: str, out_dir: str, spec: QuantSpec,
     return out_dir
 
 
-def _tensor(ckpt, refs, pending, name, spec):
+def _blocks(ckpt, refs, pending, name, spec, block_bytes):
+    """The bytes of output tensor `name`, as a sequence of tensors to write one after another."""
     if name.endswith(qckpt.SCALE_SUFFIX) and name in pending:
-        return pending.pop(name)
+        yield pending.pop(name)
+        return
     ref = refs.get(name)
     if ref is None or ref.quant is None:
-        return ckpt.read(name, release=True)
-    w = ckpt.read(name, release=True)
-    pw = quantize(w, spec, name=name)
-    del w
-    pending[qckpt.scale_name(name)] = pw.scales
-    return pw.data
+        assert ref is None or ckpt.ref(name).dtype == ref.dtype, (name, ckpt.ref(name).dtype)
+        yield from copy_blocks(ckpt, name, block_bytes)
+        return
+    scales = None
+    for data, block_scales, start in quantized_blocks(ckpt, name, spec, block_bytes):
+        if scales is None:
+            rows = ckpt.ref(name).numel // ckpt.ref(name).shape[-1]
+            scales = torch.empty((rows, block_scales.shape[-1]), dtype=block_scales.dtype)
+        scales[start:start + block_scales.shape[0]].copy_(block_scales)
+        yield data
+    shape = qckpt.packed_shapes(spec, ckpt.ref(name).shape)[1][0]
+    pending[qckpt.scale_name(name)] = scales.view(shape)
+
+
+def copy_blocks(ckpt, name: str, block_bytes: int = BLOCK_BYTES):
+    """Tensor `name` as it is stored, `block_bytes` at a time (one reused buffer)."""
+    ref = ckpt.ref(name)
+    buf = torch.empty(min(block_bytes, ref.nbytes), dtype=torch.uint8)
+    for start in range(0, ref.nbytes, block_bytes):
+        part = buf[:min(block_bytes, ref.nbytes - start)]
+        yield ckpt.pread(name, part, start, release=True)
+
+
+def quantized_blocks(ckpt, name: str, spec: QuantSpec, block_bytes: int = BLOCK_BYTES):
+    """(packed integers, fp32 scales, first row) of float tensor `name`, flattened to rows
+    [n, in], a block of whole rows (about `block_bytes` of source) at a time. The float and
+    packed buffers are reused: consume each block before asking for the next."""
+    ref = ckpt.ref(name)
+    spec.check(name, tuple(ref.shape))
+    cols = ref.shape[-1]
+    rows = ref.numel // max(cols, 1)
+    step = max(1, block_bytes // max(cols * ref.dtype.itemsize, 1))
+    buf = torch.empty((min(step, rows), cols), dtype=ref.dtype)
+    packed = empty_packed(spec, (min(step, rows), cols), torch.float32)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        block = ckpt.pread(name, buf[:n], r * cols * ref.dtype.itemsize, release=True)
+        out = packed.rows(0, n)
+        quantize_rows_into(block, out)
+        yield out.data, out.scales, r

@@ -111,3 +111,36 @@ def test_placement_counts_packed_bytes(source):
     assert packed.total_bytes < budget < plain.total_bytes
     assert plan(packed, CpuBackend(), budget, None, "auto", torch.bfloat16).fully_resident
     assert not plan(plain, CpuBackend(), budget, None, "auto", torch.bfloat16).fully_resident
+
+
+
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint4", 64)])
+def test_row_blocks_equal_whole_tensor_quantization(source, tmp_path, scheme, group):
+    """Blocks of 7 rows (512 rows: the last block is short) give bit for bit the whole tensor's
+    quantization, and a checkpoint written in such tiny blocks is byte-identical to one written in
+    the default blocks."""
+    from ernie_hal.core.model.quantized_writer import copy_blocks, quantized_blocks, write_quantized_checkpoint
+    from ernie_hal.core.quant.quantize import quantize
+    from ernie_hal.core.quant.scheme import resolve
+
+    spec = resolve(scheme, group)
+    name = "model.embed_tokens.weight"
+    with Checkpoint.open(source) as ckpt:
+        whole = quantize(ckpt.read(name), spec, name=name)
+        rows = 512
+        assert ckpt.ref(name).shape == (rows, 256) and rows % 7
+        seen = []
+        for data, scales, start in quantized_blocks(ckpt, name, spec, block_bytes=7 * 256 * 2):
+            assert data.shape[0] == scales.shape[0] == (7 if start + 7 <= rows else rows % 7)
+            seen.append(start)
+            assert torch.equal(data, whole.data[start:start + data.shape[0]])
+            assert torch.equal(scales, whole.scales[start:start + data.shape[0]])
+        assert seen == list(range(0, rows, 7))
+        norm = "model.norm.weight"
+        raw = torch.cat([b.clone() for b in copy_blocks(ckpt, norm, block_bytes=100)])
+        assert torch.equal(raw.view(ckpt.ref(norm).dtype), ckpt.read(norm))
+    small, default = str(tmp_path / "small"), str(tmp_path / "default")
+    write_quantized_checkpoint(source, small, spec, block_bytes=1000)     # < one row of most weights
+    write_quantized_checkpoint(source, default, spec)
+    for f in sorted(os.listdir(default)):
+        assert open(os.path.join(small, f), "rb").read() == open(os.path.join(default, f), "rb").read(), f
