@@ -68,6 +68,28 @@ def find(cache: str = CACHE) -> LlamaCpp | None:
     return None
 
 
+# /proc/cpuinfo flag -> ggml's cmake option, for a build without -march=native
+_GGML_ISA = {"sse4_2": "GGML_SSE42", "avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA",
+             "f16c": "GGML_F16C", "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512",
+             "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def isa_options(cpuinfo: str = "/proc/cpuinfo") -> list:
+    """cmake options for the CPU build: -march=native, except where the CPU advertises AMX. A VM
+    can list amx_tile without the kernel granting its tile state; the native build then compiles
+    ggml's AMX kernels for Q8_0/Q4_0 and llama-bench dies (SIGILL / SIGSEGV, seen here). Then the
+    build names every other extension the CPU has and leaves AMX out."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF", *(f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in _GGML_ISA.items()),
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 def build(cache: str = CACHE, jobs: int | None = None, log=sys.stderr) -> LlamaCpp:
     """Download the llama-cpp-python sdist (its vendor/llama.cpp is llama.cpp's source) and
     build the CPU tools with cmake + ninja (about 10 minutes on 2 cores)."""
@@ -86,7 +108,7 @@ def build(cache: str = CACHE, jobs: int | None = None, log=sys.stderr) -> LlamaC
             raise PeerError(f"building llama.cpp needs {tool}; install it (apt-get install cmake ninja-build)")
     print(f"llama.cpp: building {', '.join(TOOLS)} in {root}/build", file=log, flush=True)
     subprocess.run(["cmake", "-S", root, "-B", os.path.join(root, "build"), "-G", "Ninja",
-                    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                    "-DCMAKE_BUILD_TYPE=Release", *isa_options(), "-DLLAMA_CURL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", os.path.join(root, "build"), "-j", str(jobs or os.cpu_count() or 2),
                     "--target", *TOOLS], check=True, stdout=subprocess.DEVNULL)

@@ -71,3 +71,14 @@ def test_the_ernie_hal_side_of_the_comparison_runs_on_a_tiny_model(tmp_path):
     r = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
     assert len(r["decode"]) == 2 and all(t > 0 for t in r["decode"]) and r["first_decode_tokens_per_s"] > 0
     assert len(r["pp8"]) == 2 and len(r["pp16"]) == 2 and r["weight_bytes_per_token"] > 0
+
+
+def test_the_peer_build_is_native_unless_the_cpu_advertises_amx(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\n")
+    assert L.isa_options(str(plain)) == ["-DGGML_NATIVE=ON"]
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: sse4_2 avx avx2 bmi2 fma f16c avx512f avx512_vnni amx_tile amx_int8\n")
+    opts = L.isa_options(str(amx))
+    assert "-DGGML_NATIVE=OFF" in opts and "-DGGML_AMX_INT8=OFF" in opts
+    assert "-DGGML_AVX512=ON" in opts and "-DGGML_AVX512_VNNI=ON" in opts and "-DGGML_AVX512_BF16=OFF" in opts
