@@ -33,6 +33,7 @@ import torch
 
 from .engine import Engine, Sequence
 from .kvcache import KVCache
+from .threads import release_openmp_pool
 
 log = logging.getLogger("ernie_hal.scheduler")
 
@@ -349,6 +350,12 @@ class EngineThread(threading.Thread):
         super().__init__(name="ernie-hal-engine", daemon=True)
         self.scheduler, self.idle_wait = scheduler, idle_wait
         self._stopping = threading.Event()
+
+    def start(self) -> None:
+        # the caller's idle OpenMP pool (the thread that loaded the model) would make libgomp put
+        # the engine's math threads to sleep at every parallel region (core/runtime/threads.py)
+        release_openmp_pool()
+        super().start()
 
     def run(self) -> None:
         sched = self.scheduler
