@@ -50,6 +50,7 @@ from ..model.graph import ModelGraph
 from ..runtime.executor import LayerWeights
 from .placement import DEVICE, HOST, Plan, aligned
 from ..model.checkpoint_reader import Checkpoint, CheckpointError, TensorRef
+from ..model.pread import ShortReadError, pread_into
 from ..quant.checkpoint import packed_shapes, quantize_from, scale_name
 from ..quant.format import PackedWeight, empty_packed
 from ..quant.quantize import quantize
@@ -78,23 +79,17 @@ class FileReader:
             return fd
 
     def pread(self, path: str, offset: int, out: torch.Tensor) -> None:
-        """Fill `out` (a contiguous uint8 CPU tensor) from `path` at `offset`."""
-        n = out.numel()
-        if n == 0:
+        """Fill `out` (a contiguous uint8 CPU tensor) from `path` at `offset`, pages released."""
+        if out.numel() == 0:
             return
-        fd, mv, pos = self._fd(path), memoryview(out.numpy()), 0
         t0 = time.perf_counter()
-        while pos < n:
-            got = os.preadv(fd, [mv[pos:]], offset + pos)
-            if got <= 0:
-                raise CheckpointError(f"{path}: truncated file: expected {n} bytes at offset {offset}, the file "
-                                      f"ends after {pos}; re-download it")
-            pos += got
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+        try:
+            pread_into(self._fd(path), offset, out, path, release=True)
+        except ShortReadError as e:
+            raise CheckpointError(str(e)) from None
         dt = time.perf_counter() - t0
         with self._lock:
-            self.bytes += n
+            self.bytes += out.numel()
             self.seconds += dt
 
     def read_into(self, ref: TensorRef, dst: torch.Tensor) -> None:
