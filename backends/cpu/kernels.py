@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ...kernels.reference.moe import grouped_experts, moe_route
 from ...kernels.reference.norm import add_rms_norm as ref_add_rms_norm
 from ...kernels.reference.norm import rms_norm as ref_rms_norm
+from .attention_kernels import make_gqa_attention, make_rope_kv_write
 
 GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
 NORM_MAX_ROWS = 64    # the native norm is one thread; longer prefills take torch's threaded ops
@@ -125,4 +126,9 @@ def fast_ops(native) -> dict:
     swiglu = make_swiglu_mlp(linear)
     experts = make_moe_experts(swiglu)
     return {"linear": linear, "swiglu_mlp": swiglu, "moe_experts": experts, "moe": make_moe(experts, swiglu),
-            **make_norms(native)}
+            **make_norms(native), **attention_ops(native)}
+
+
+def attention_ops(native) -> dict:
+    """rope + KV write and decode attention (attention.c): plain or quantized models alike."""
+    return {"rope_kv_write": make_rope_kv_write(native), "gqa_attention": make_gqa_attention(native)}

@@ -1,4 +1,4 @@
-"""The CPU decode kernels (gemv.c: bf16/fp32 GEMV; qgemv.c: wint8/wint4; norm.c), built once with the system C
+"""The CPU decode kernels (gemv.c: bf16/fp32 GEMV; qgemv.c: wint8/wint4; norm.c; attention.c), built once with the system C
 compiler and loaded with ctypes.
 
 Built on first use into the ernie-hal cache (keyed by the source, compiler and CPU flags, so an
@@ -24,7 +24,7 @@ import tempfile
 import torch  # noqa: F401 - loads torch's libgomp before the kernel library asks for it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "norm.c"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "norm.c", "attention.c"))
 HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h",))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 NATIVE_ISA = ("-march=native",)   # dropped by ERNIE_HAL_CPU_NATIVE=portable: the plain C loops (tests)
@@ -33,7 +33,8 @@ ISA_NAMES = {0: "portable C", 1: "AVX-512", 2: "AVX-512 BF16"}
 
 class NativeGemv:
     """The loaded library: `bf16` and `f32` GEMVs, the quantized `qgemv` and `qdequant`
-    (qgemv.c), the decode `add_rms_norm` (norm.c), and which inner loops each has."""
+    (qgemv.c), the decode `add_rms_norm` (norm.c), `rope_kv_write` and `decode_attention`
+    (attention.c), and which inner loops each has."""
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -51,6 +52,14 @@ class NativeGemv:
         self.add_rms_norm = lib.ernie_add_rms_norm
         self.add_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, i32]
         self.add_rms_norm.restype = None
+        self.rope_kv_write = lib.ernie_rope_kv_write
+        self.rope_kv_write.argtypes = [vp, i64, vp, i64, vp, i64, vp, vp, vp, i64, vp, vp, vp, vp, i64, i64, i64, i64,
+                                       i32, i32]
+        self.rope_kv_write.restype = i32
+        self.decode_attention = lib.ernie_decode_attention
+        self.decode_attention.argtypes = [vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
+                                          ctypes.c_float, i32, i32]
+        self.decode_attention.restype = i32
         lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(lib.ernie_gemv_isa(), "?")
         self.qisa = ISA_NAMES.get(lib.ernie_qgemv_isa(), "?")

@@ -33,8 +33,9 @@ def ernie_hal_get_kernel(backend, op, spec):
         # weight-only quantized weights: the native wint8/wint4 GEMV, or torch's weight-pack GEMMs (quant_kernels.py)
         from ...kernels.reference import OPS_QUANT
         from .quant_kernels import OPS as QUANT
-        norms = {k: v for k, v in _fast_ops().items() if k.endswith("rms_norm")}   # weights plain there too
-        return QUANT.get(op) or norms.get(op) or OPS_QUANT.get(op)
+        # norms and attention read no quantized weight: the plain model's fast ops serve
+        plain = {k: v for k, v in _fast_ops().items() if k.endswith("rms_norm") or k in ("rope_kv_write", "gqa_attention")}
+        return QUANT.get(op) or plain.get(op) or OPS_QUANT.get(op)
     fast = _fast_ops().get(op)
     if fast is not None:
         return fast

@@ -114,7 +114,8 @@ def test_grouped_experts_match_reference(dtype, T):
     got = moe(x, router, bias, fg, fu, down, k, 1e-12, shared=(shared[3], shared[4], shared[2]))
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
     if ops is not None:
-        assert set(ops) == {"linear", "swiglu_mlp", "moe_experts", "moe", "rms_norm", "add_rms_norm"}
+        assert set(ops) == {"linear", "swiglu_mlp", "moe_experts", "moe", "rms_norm", "add_rms_norm",
+                            "rope_kv_write", "gqa_attention"}
 
 
 def test_the_cpu_backend_binds_the_fast_kernels_where_the_library_builds():
@@ -122,10 +123,11 @@ def test_the_cpu_backend_binds_the_fast_kernels_where_the_library_builds():
     m = ernie_hal.load("tiny-moe", device="cpu", dtype="fp32")
     kinds = m.kernels
     if NATIVE is None:
-        assert "reference" in kinds["linear"]
+        assert "reference" in kinds["linear"] and "reference" in kinds["gqa_attention"]
     else:
         assert kinds["linear"].startswith("cpu-native-gemv") and kinds["moe"] == "cpu-grouped-experts"
-    assert kinds["gqa_attention"].startswith("ernie_hal.kernels.reference")
+        assert kinds["gqa_attention"] == "cpu-native-decode-attention" and kinds["rope_kv_write"] == "cpu-native-rope-kv"
+    assert kinds["moe_route"].startswith("ernie_hal.kernels.reference")
 
 
 @pytest.mark.parametrize("preset,dtype", [("tiny", "fp32"), ("tiny-moe", "bf16")])
