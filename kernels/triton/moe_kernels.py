@@ -103,6 +103,40 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, num_valid, N, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile's routed entries (sorted rows; padding past num_valid masked), its expert, output
+    columns and K offsets: the prologue every grouped-expert GEMM shares."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    entry = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)          # [BLOCK_M]
+    row_ok = entry < num_valid
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    return entry, row_ok, e, offs_n, col_ok, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _store_gate_up(acc_g, acc_u, h_ptr, entry, row_ok, offs_n, col_ok, stride_hm, stride_hn):
+    """h = silu(g) * u with both projections rounded to h's dtype first (as HF rounds them)."""
+    out_ty = h_ptr.dtype.element_ty
+    g = cast_rtne(acc_g, out_ty).to(tl.float32)
+    u = cast_rtne(acc_u, out_ty).to(tl.float32)
+    tl.store(h_ptr + entry[:, None] * stride_hm + offs_n[None, :] * stride_hn, silu_mul(g, u, out_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _store_down(acc, y_ptr, topk_w_ptr, entry, row_ok, offs_n, col_ok, stride_ym, stride_yn):
+    """y = routing weight x the down projection rounded to y's dtype (HF: bf16 output x bf16 weight)."""
+    out_ty = y_ptr.dtype.element_ty
+    w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0).to(tl.float32)
+    y = cast_rtne(acc, out_ty).to(tl.float32) * w[:, None]
+    tl.store(y_ptr + entry[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             cast_rtne(y, out_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr,
                        num_post_ptr, N, K, num_valid, num_pid_m,
                        stride_xm, stride_xk, stride_ge, stride_gn, stride_gk,
@@ -114,13 +148,8 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ids_ptr, expert_ids_
     x [T, K=H], wg/wu [E, N=I, K], h [T*TOP_K, N]."""
     pid_m, pid_n, live = _tile_ids(N, num_post_ptr, num_pid_m, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        entry = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)      # [BLOCK_M]
-        row_ok = entry < num_valid
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        entry, row_ok, e, offs_n, col_ok, offs_k = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n,
+                                                              num_valid, N, BLOCK_M, BLOCK_N, BLOCK_K)
         a_ptrs = x_ptr + (entry // TOP_K)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         g_ptrs = wg_ptr + e * stride_ge + offs_n[None, :] * stride_gn + offs_k[:, None] * stride_gk
         u_ptrs = wu_ptr + e * stride_ue + offs_n[None, :] * stride_un + offs_k[:, None] * stride_uk
@@ -136,12 +165,7 @@ def moe_gate_up_kernel(x_ptr, wg_ptr, wu_ptr, h_ptr, sorted_ids_ptr, expert_ids_
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += BLOCK_K * stride_gk
             u_ptrs += BLOCK_K * stride_uk
-        out_ty = h_ptr.dtype.element_ty
-        g = cast_rtne(acc_g, out_ty).to(tl.float32)                # HF rounds both projections
-        u = cast_rtne(acc_u, out_ty).to(tl.float32)
-        h = silu_mul(g, u, out_ty)
-        tl.store(h_ptr + entry[:, None] * stride_hm + offs_n[None, :] * stride_hn, h,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        _store_gate_up(acc_g, acc_u, h_ptr, entry, row_ok, offs_n, col_ok, stride_hm, stride_hn)
 
 
 @triton.jit
@@ -153,13 +177,8 @@ def moe_down_kernel(h_ptr, wd_ptr, y_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids
     """y[entry, n] = w[entry] * (h[entry] . wd[e, n]).  h [T*k, K=I], wd [E, N=H, K], y [T*k, N]."""
     pid_m, pid_n, live = _tile_ids(N, num_post_ptr, num_pid_m, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        entry = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        row_ok = entry < num_valid
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        entry, row_ok, e, offs_n, col_ok, offs_k = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n,
+                                                              num_valid, N, BLOCK_M, BLOCK_N, BLOCK_K)
         a_ptrs = h_ptr + entry[:, None] * stride_hm + offs_k[None, :] * stride_hk
         b_ptrs = wd_ptr + e * stride_de + offs_n[None, :] * stride_dn + offs_k[:, None] * stride_dk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -170,11 +189,7 @@ def moe_down_kernel(h_ptr, wd_ptr, y_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids
             acc = _dot(a, b, acc, DOT_FP32, IEEE)
             a_ptrs += BLOCK_K * stride_hk
             b_ptrs += BLOCK_K * stride_dk
-        out_ty = y_ptr.dtype.element_ty
-        w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0).to(tl.float32)
-        y = cast_rtne(acc, out_ty).to(tl.float32) * w[:, None]    # HF: bf16 output x bf16 weight
-        tl.store(y_ptr + entry[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 cast_rtne(y, out_ty), mask=row_ok[:, None] & col_ok[None, :])
+        _store_down(acc, y_ptr, topk_w_ptr, entry, row_ok, offs_n, col_ok, stride_ym, stride_yn)
 
 
 @triton.jit

@@ -15,8 +15,7 @@ import triton.language as tl
 
 from ._interpret import cast_rtne
 from .dequant_kernels import int_values
-from .moe_kernels import _dot, _tile_ids
-from .swiglu_kernels import silu_mul
+from .moe_kernels import _dot, _store_down, _store_gate_up, _tile_ids, _tile_rows
 
 
 @triton.jit
@@ -44,13 +43,8 @@ def moe_gate_up_wint_kernel(x_ptr, qg_ptr, sg_ptr, qu_ptr, su_ptr, h_ptr, sorted
     Wg/Wu packed [E, N=I, K=H]; x [T, K], h [T*TOP_K, N]."""
     pid_m, pid_n, live = _tile_ids(N, num_post_ptr, num_pid_m, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        entry = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)      # [BLOCK_M]
-        row_ok = entry < num_valid
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        entry, row_ok, e, offs_n, col_ok, offs_k = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n,
+                                                              num_valid, N, BLOCK_M, BLOCK_N, BLOCK_K)
         a_ptrs = x_ptr + (entry // TOP_K)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -63,12 +57,7 @@ def moe_gate_up_wint_kernel(x_ptr, qg_ptr, sg_ptr, qu_ptr, su_ptr, h_ptr, sorted
             acc_g = _dot(a, bg, acc_g, DOT_FP32, IEEE)
             acc_u = _dot(a, bu, acc_u, DOT_FP32, IEEE)
             a_ptrs += BLOCK_K * stride_xk
-        out_ty = h_ptr.dtype.element_ty
-        g = cast_rtne(acc_g, out_ty).to(tl.float32)                # the reference rounds both projections
-        u = cast_rtne(acc_u, out_ty).to(tl.float32)
-        h = silu_mul(g, u, out_ty)
-        tl.store(h_ptr + entry[:, None] * stride_hm + offs_n[None, :] * stride_hn, h,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        _store_gate_up(acc_g, acc_u, h_ptr, entry, row_ok, offs_n, col_ok, stride_hm, stride_hn)
 
 
 @triton.jit
@@ -82,13 +71,8 @@ def moe_down_wint_kernel(h_ptr, qd_ptr, sd_ptr, y_ptr, topk_w_ptr, sorted_ids_pt
     """y[entry, n] = w[entry] * (h[entry] . Wd[e, n]), Wd packed [E, N=H, K=I]; h [T*k, K], y [T*k, N]."""
     pid_m, pid_n, live = _tile_ids(N, num_post_ptr, num_pid_m, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        entry = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        row_ok = entry < num_valid
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        entry, row_ok, e, offs_n, col_ok, offs_k = _tile_rows(sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n,
+                                                              num_valid, N, BLOCK_M, BLOCK_N, BLOCK_K)
         a_ptrs = h_ptr + entry[:, None] * stride_hm + offs_k[None, :] * stride_hk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -97,8 +81,4 @@ def moe_down_wint_kernel(h_ptr, qd_ptr, sd_ptr, y_ptr, topk_w_ptr, sorted_ids_pt
                              stride_dqk, stride_dse, stride_dsn, stride_dsg, BITS, GROUP, a.dtype)
             acc = _dot(a, b, acc, DOT_FP32, IEEE)
             a_ptrs += BLOCK_K * stride_hk
-        out_ty = y_ptr.dtype.element_ty
-        w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0).to(tl.float32)
-        y = cast_rtne(acc, out_ty).to(tl.float32) * w[:, None]    # the reference: rounded output x weight
-        tl.store(y_ptr + entry[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                 cast_rtne(y, out_ty), mask=row_ok[:, None] & col_ok[None, :])
+        _store_down(acc, y_ptr, topk_w_ptr, entry, row_ok, offs_n, col_ok, stride_ym, stride_yn)
