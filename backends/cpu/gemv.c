@@ -6,11 +6,15 @@
  * accumulators, enough to keep up with memory. Rows are split across the OpenMP threads (the
  * libgomp torch already loaded, so one thread pool); each output is one row's dot product, so a
  * fused [q;k;v] or [gate;up] weight gives exactly the values of the unfused ones.
+ * Without AVX-512, AVX2 + FMA (gemv_avx2.h) reads each weight row once for all M rows.
  * Accumulation is fp32; bf16 outputs round to nearest even, as torch's cast does.
  */
 #include "cpu_common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_GEMV_AVX2 1
+#include "gemv_avx2.h"
 #endif
 
 #define ROW_BLOCK 16
@@ -79,6 +83,22 @@ static float dot_f32(const float *x, const float *w, int64_t K) {
 void ernie_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy,
                      int64_t M, int64_t N, int64_t K, int threads) {
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+#if defined(HAVE_GEMV_AVX2)
+    float *xf;
+    int64_t Kp = M <= 8 ? prepare_bf16(x, ldx, M, K, &xf) : -1;
+    if (Kp > 0) {                                  /* else (no scratch, M > 8): the plain loop */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t end = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
+            for (int64_t n = b * ROW_BLOCK; n < end; n++) {
+                float out[8];
+                SPECIALIZE(bf16_row_avx2, w + n * K, K, xf, Kp)
+                for (int64_t m = 0; m < M; m++) y[m * ldy + n] = f32_to_bf16(out[m]);
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t end = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
@@ -94,6 +114,16 @@ void ernie_gemv_f32(const float *x, int64_t ldx, const float *w, float *y, int64
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t end = (b + 1) * ROW_BLOCK < N ? (b + 1) * ROW_BLOCK : N;
+#if defined(HAVE_GEMV_AVX2)
+        if (M <= 8) {                              /* callers pass M <= 8; more: the plain loop */
+            for (int64_t n = b * ROW_BLOCK; n < end; n++) {
+                float out[8];
+                SPECIALIZE(f32_row_avx2, w + n * K, K, x, ldx)
+                for (int64_t m = 0; m < M; m++) y[m * ldy + n] = out[m];
+            }
+            continue;
+        }
+#endif
         for (int64_t n = b * ROW_BLOCK; n < end; n++)
             for (int64_t m = 0; m < M; m++)
                 y[m * ldy + n] = dot_f32(x + m * ldx, w + n * K, K);
@@ -101,10 +131,12 @@ void ernie_gemv_f32(const float *x, int64_t ldx, const float *w, float *y, int64
 }
 
 /* Which inner loops this build has, for reports. */
-int ernie_gemv_isa(void) {
+int ernie_gemv_isa(void) {   /* 0 portable C, 1 AVX2, 2 AVX-512, 3 AVX-512 with AVX512-BF16 */
 #if defined(__AVX512BF16__)
-    return 2;
+    return 3;
 #elif defined(__AVX512F__)
+    return 2;
+#elif defined(HAVE_GEMV_AVX2)
     return 1;
 #else
     return 0;

@@ -7,7 +7,7 @@ exists, the build fails, or ERNIE_HAL_CPU_NATIVE=0, `library()` returns None wit
 the CPU backend binds torch's kernels instead. The .so links libgomp by soname: torch has loaded
 its own already, so the dynamic linker hands the kernel torch's OpenMP pool (one set of
 threads, sized by torch.set_num_threads). ERNIE_HAL_CPU_NATIVE=portable builds without
--march=native: the portable C loops a machine without AVX-512 runs (the tests check them).
+-march=native: the portable C loops a machine without AVX2 or AVX-512 runs (the tests check them).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch  # noqa: F401 - loads torch's libgomp before the kernel library ask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "norm.c", "attention.c"))
-HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h",))
+HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h", "gemv_avx2.h", "qgemv_avx2.h"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 NATIVE_ISA = ("-march=native",)   # dropped by ERNIE_HAL_CPU_NATIVE=portable: the plain C loops (tests)
-ISA_NAMES = {0: "portable C", 1: "AVX-512", 2: "AVX-512 BF16"}
+ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512", 3: "AVX-512 BF16"}   # ernie_gemv_isa / ernie_qgemv_isa
 
 
 class NativeGemv:
@@ -85,7 +85,7 @@ def _compiler() -> str | None:
 
 def build(cc: str, portable: bool = False) -> str:
     """Path of the built library (building it when the cache has none); raises on failure.
-    portable: without -march=native, so the portable C loops run (what a machine without AVX-512 gets)."""
+    portable: without -march=native, so the portable C loops run (what a machine without AVX2 gets)."""
     flags = FLAGS if portable else NATIVE_ISA + FLAGS
     src = b""
     for name in SOURCES + HEADERS:

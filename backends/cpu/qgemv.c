@@ -16,13 +16,13 @@
  *   wint4, fp32  the same with 16 32-bit lanes (8 nibbles each), vpermps and fp32 FMA
  * In both wint4 layouts fp32 lane j of a line covers columns 8j..8j+7, so a group of 32 or 64
  * columns is a fixed set of lanes: one vector of per-lane scales per line applies them.
+ * Without AVX-512, AVX2 + FMA kernels (qgemv_avx2.h) decode the same layouts exactly.
  * Rows are split across the OpenMP threads; each output is one row's sum, so a fused weight gives
  * exactly the unfused values. bf16 outputs round to nearest even, as torch's cast does.
  *
  * ernie_qdequant writes rows of q * s (fp32, or rounded to bf16 as torch's .to does): prefill runs
  * a GEMM on them, a row chunk at a time.
  */
-#include <stdlib.h>
 #include "cpu_common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -34,19 +34,6 @@
 #define PREFETCH 1024   /* bytes ahead of the weight stream: the hardware prefetcher alone lags */
 #endif
 
-/* Per-thread scratch for the prepared activations (a few KiB; grown, never freed). */
-static void *scratch(size_t bytes) {
-    static __thread void *buf;
-    static __thread size_t cap;
-    if (bytes > cap) {
-        free(buf);
-        cap = (bytes + 4095) & ~(size_t)4095;
-        buf = aligned_alloc(64, cap);
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 static inline float x_at(const void *x, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
@@ -56,13 +43,12 @@ static inline void store_y(void *y, int bf16, int64_t i, float v) {
     else ((float *)y)[i] = v;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HAVE_AVX512 1
 
 /* chains of independent accumulators per activation row: enough to hide FMA latency at M = 1
  * without running out of the 32 vector registers at M = 8 */
 #define CHAINS(M) ((M) == 1 ? 4 : (M) == 2 ? 2 : 1)
-#define INLINE static inline __attribute__((always_inline))
 
 /* ---- wint8: fp32 activations xf [M, Kp] (zero padded) ---------------------------------------- */
 INLINE void w8_row(const int8_t *w, const float *s, int64_t gs, int64_t G,
@@ -222,18 +208,10 @@ INLINE void w4_f32_row(const uint8_t *w, const float *s, int64_t K, int64_t gs, 
     for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
 }
 
-#define SPECIALIZE(name, ...)                                                                      \
-    switch (M) {                                                                                  \
-    case 1: name(__VA_ARGS__, 1, out); break;                                                     \
-    case 2: name(__VA_ARGS__, 2, out); break;                                                     \
-    case 3: name(__VA_ARGS__, 3, out); break;                                                     \
-    case 4: name(__VA_ARGS__, 4, out); break;                                                     \
-    case 5: name(__VA_ARGS__, 5, out); break;                                                     \
-    case 6: name(__VA_ARGS__, 6, out); break;                                                     \
-    case 7: name(__VA_ARGS__, 7, out); break;                                                     \
-    default: name(__VA_ARGS__, 8, out); break;                                                    \
-    }
-#endif /* AVX-512 */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_QGEMV_AVX2 1
+#include "qgemv_avx2.h"
+#endif
 
 /* ---- portable C: the same sums, one weight at a time ----------------------------------------- */
 static void row_portable(int bits, const uint8_t *w, const float *s, int64_t gs, int64_t G,
@@ -269,6 +247,7 @@ static int64_t prepare_x(int kind, const void *x, int bf16, int64_t ldx, int64_t
             int64_t b = k / 128, c = k % 128, at;
             if (kind == 1) at = b * 128 + (c % 4) * 32 + c / 4;       /* wint4 bf16: [line][j][i] */
             else if (kind == 2) at = b * 128 + (c % 8) * 16 + c / 8;  /* wint4 fp32 */
+            else if (kind == 4) at = (k & ~(int64_t)63) + (k % 8) * 8 + (k % 64) / 8;   /* wint4 AVX2 */
             else at = k;                                              /* wint8 / portable: as is */
             if (kind == 1) ((uint16_t *)buf)[m * stride + at] = ((const uint16_t *)xm)[k];
             else ((float *)buf)[m * stride + at] = x_at(xm, bf16, k);
@@ -288,9 +267,12 @@ int ernie_qgemv(int bits, const void *x, int bf16, int64_t ldx, const uint8_t *w
 #if defined(HAVE_W4_BF16)
     if (bits == 4 && bf16) kind = 1;
 #endif
+#elif defined(HAVE_QGEMV_AVX2)
+    if (bits == 8) kind = 5;
+    else if (G == 1 || gs == 32 || gs % 64 == 0) kind = 4;   /* other group sizes: portable */
 #endif
     void *xp;
-    int64_t xs = prepare_x(kind == 3 ? 0 : kind, x, bf16, ldx, M, K, &xp);
+    int64_t xs = prepare_x(kind == 3 || kind == 5 ? 0 : kind, x, bf16, ldx, M, K, &xp);
     if (xs < 0) return -1;
     int64_t rowbytes = bits == 8 ? K : K / 2, blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -307,6 +289,10 @@ int ernie_qgemv(int bits, const void *x, int bf16, int64_t ldx, const uint8_t *w
 #if defined(HAVE_AVX512)
             case 2: SPECIALIZE(w4_f32_row, wn, sn, K, gs, G, (const float *)xp, xs / 128) break;
             case 3: SPECIALIZE(w8_row, (const int8_t *)wn, sn, gs, G, (const float *)xp, xs) break;
+#endif
+#if defined(HAVE_QGEMV_AVX2)
+            case 4: SPECIALIZE(w4_row_avx2, wn, sn, K, gs, G, (const float *)xp, xs) break;
+            case 5: SPECIALIZE(w8_row_avx2, (const int8_t *)wn, sn, gs, G, (const float *)xp, xs) break;
 #endif
             default: row_portable(bits, wn, sn, gs, G, (const float *)xp, xs, (int)M, out);
             }
@@ -349,11 +335,13 @@ void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void 
     }
 }
 
-/* Which inner loops this build has, for reports: 0 portable C, 1 AVX-512, 2 with AVX512-BF16. */
+/* Which inner loops this build has, for reports: 0 portable C, 1 AVX2, 2 AVX-512, 3 with AVX512-BF16. */
 int ernie_qgemv_isa(void) {
 #if defined(HAVE_W4_BF16)
-    return 2;
+    return 3;
 #elif defined(HAVE_AVX512)
+    return 2;
+#elif defined(HAVE_QGEMV_AVX2)
     return 1;
 #else
     return 0;
