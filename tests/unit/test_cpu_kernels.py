@@ -39,6 +39,36 @@ def test_native_linear_matches_reference(dtype, rows, k, n):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [8, 15, 16, 17, 33, 100, 1032])   # tails below / past the 16- and 32-wide steps
+def test_native_linear_every_decode_row_count_and_row_tail(dtype, k):
+    """M = 1..8 (each its own specialization), odd N (a 16-row block's tail), K off the vector widths."""
+    for rows in range(1, cpu_kernels.GEMV_MAX_ROWS + 1):
+        g = torch.Generator().manual_seed(rows * k)
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        w = torch.randn(37, k, generator=g).to(dtype)
+        got = cpu_kernels.make_linear(NATIVE)(x, w)
+        torch.testing.assert_close(got.float(), ref.linear(x, w).float(), **TOL[dtype])
+        _close_to_fp64(got, x, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_c_gemv_matches_reference(monkeypatch, dtype):
+    """The loops a machine without AVX2 runs (built without -march=native)."""
+    from ernie_hal.backends.cpu import native
+    monkeypatch.setenv("ERNIE_HAL_CPU_NATIVE", "portable")
+    lib, why = native.load.__wrapped__()
+    if lib is None:
+        pytest.skip(f"no C compiler: {why}")
+    assert lib.isa == "portable C"
+    linear = cpu_kernels.make_linear(lib)
+    for rows, k in ((1, 1024), (3, 31), (8, 100)):
+        x, w = torch.randn(rows, k).to(dtype), torch.randn(21, k).to(dtype)
+        torch.testing.assert_close(linear(x, w).float(), ref.linear(x, w).float(), **TOL[dtype])
+        _close_to_fp64(linear(x, w), x, w, dtype)
+
+
+@needs_native
 def test_native_linear_takes_strided_rows_and_falls_back_for_prefill():
     linear = cpu_kernels.make_linear(NATIVE)
     big = torch.randn(2, 96, dtype=torch.bfloat16)

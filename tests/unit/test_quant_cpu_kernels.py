@@ -96,7 +96,10 @@ from ernie_hal.backends.cpu import native  # noqa: E402
 LIB, WHY = native.load()
 needs_native = pytest.mark.skipif(LIB is None, reason=f"native CPU kernels unavailable: {WHY}")
 # (group, in_features): each group size, with widths that are not whole 128-column lines
-SHAPES = [(32, 96), (32, 1024), (64, 320), (128, 384), (-1, 200), (-1, 1024)]
+SHAPES = [(32, 96), (32, 1024), (64, 320), (128, 384), (-1, 200), (-1, 1024),
+          (64, 192),      # groups of 64 ending mid 128-column line
+          (128, 640),     # several 128-column groups, an odd count of 64-column blocks
+          (-1, 8)]        # one row shorter than any vector
 
 
 def _close_to_exact(got, x, pw, dtype):
@@ -128,6 +131,14 @@ def test_native_decode_gemv_matches_reference(scheme, group, K, dtype):
     """Every decode batch size 1..8 against the reference, odd row counts (37), each group size."""
     for rows in range(1, cpu.QGEMV_MAX_ROWS + 1):
         _check_native_linear(LIB, scheme, group, K, rows, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("K", [1, 7, 31, 33, 100])       # wint8 tails shorter than a vector
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_wint8_per_channel_odd_widths(K, dtype):
+    for rows in (1, 2, 5, 8):
+        _check_native_linear(LIB, "wint8", -1, K, rows, dtype, N=19)
 
 
 @pytest.mark.parametrize("scheme", ["wint8", "wint4"])
