@@ -20,10 +20,10 @@ INLINE float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* x [M, K] bf16 -> [M, Kp] fp32 (Kp = K rounded up to 16, zero padded), each 16 columns as
+/* x [M, K] bf16 -> [M, Kp] fp32 (Kp = K rounded up to 16, plus 16; zero padded), each 16 columns as
  * x[0], x[2], .., x[14], x[1], x[3], .., x[15]: the order bf16_pair yields the weights in. */
 static int64_t prepare_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, float **out) {
-    int64_t Kp = (K + 15) & ~(int64_t)15;
+    int64_t Kp = ((K + 15) & ~(int64_t)15) + 16;   /* + 64 bytes: rows 4 KiB apart would share L1 sets */
     float *buf = scratch((size_t)(M * Kp) * sizeof(float));
     *out = buf;
     if (!buf) return -1;

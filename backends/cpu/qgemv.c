@@ -236,6 +236,7 @@ static void row_portable(int bits, const uint8_t *w, const float *s, int64_t gs,
 /* The activations in the order the row kernel reads them; returns its row stride. */
 static int64_t prepare_x(int kind, const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, void **out) {
     int64_t lines = (K + 127) / 128, stride = lines * 128;
+    if (kind == 0 || kind == 4) stride += 16;   /* rows 4 KiB apart would share L1 sets (M rows + weights) */
     size_t elem = kind == 1 ? 2 : 4;
     char *buf = scratch((size_t)(M * stride) * elem);
     *out = buf;

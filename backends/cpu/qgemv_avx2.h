@@ -115,3 +115,4 @@ INLINE void w4_row_avx2(const uint8_t *w, const float *s, int64_t K, int64_t gs,
     }
     for (int m = 0; m < M; m++) out[m] = hsum256(tot[m]);
 }
+
