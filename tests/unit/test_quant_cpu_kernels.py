@@ -143,7 +143,7 @@ def test_native_wint8_per_channel_odd_widths(K, dtype):
 
 @pytest.mark.parametrize("scheme", ["wint8", "wint4"])
 def test_portable_c_kernels_match_reference(monkeypatch, scheme):
-    """The loops a machine without AVX-512 runs (built without -march=native)."""
+    """The loops a machine without AVX2 or AVX-512 runs (built without -march=native)."""
     monkeypatch.setenv("ERNIE_HAL_CPU_NATIVE", "portable")
     lib, why = native.load.__wrapped__()
     if lib is None:
