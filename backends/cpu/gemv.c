@@ -82,6 +82,7 @@ static float dot_f32(const float *x, const float *w, int64_t K) {
  * server calls from its engine thread. */
 void ernie_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy,
                      int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0) return;                            /* an empty batch: SPECIALIZE has no 0 case */
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #if defined(HAVE_GEMV_AVX2)
     float *xf;
@@ -110,6 +111,7 @@ void ernie_gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t
 
 void ernie_gemv_f32(const float *x, int64_t ldx, const float *w, float *y, int64_t ldy,
                     int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0) return;                            /* an empty batch: SPECIALIZE has no 0 case */
     int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {

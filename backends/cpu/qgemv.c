@@ -261,6 +261,7 @@ static int64_t prepare_x(int kind, const void *x, int bf16, int64_t ldx, int64_t
  * (row stride ldy). Returns 0, or -1 when the scratch buffer could not be allocated. */
 int ernie_qgemv(int bits, const void *x, int bf16, int64_t ldx, const uint8_t *w, const float *s, int64_t G,
                 void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M <= 0) return 0;                          /* an empty batch: SPECIALIZE has no 0 case */
     int64_t gs = K / G;
     int kind = 0;
 #if defined(HAVE_AVX512)

@@ -50,6 +50,8 @@ def test_native_linear_every_decode_row_count_and_row_tail(dtype, k):
         got = cpu_kernels.make_linear(NATIVE)(x, w)
         torch.testing.assert_close(got.float(), ref.linear(x, w).float(), **TOL[dtype])
         _close_to_fp64(got, x, w, dtype)
+    empty = cpu_kernels.make_linear(NATIVE)(torch.randn(0, k).to(dtype), w)   # an empty batch
+    assert empty.shape == (0, 37)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
