@@ -10,18 +10,18 @@ import torch
 
 from .model import defaults
 from .rss import peak_rss_bytes  # noqa: F401 - part of the API (benchmarks, tests)
-from .plugins.backend import Backend, format_bytes
+from .plugins.backend import Backend
 from .runtime.engine import Engine
 from .model.graph import build
 from .plugins.kernel_table import OpSpec
 from .runtime.executor import ErnieModel, ResidentWeights
-from .memory.placement import DEVICE, HOST, BudgetError, MODES, parse_budget
+from .memory.placement import DEVICE, HOST, BudgetError, MODES, OFFLOAD_ALIASES, parse_budget
 from .memory.placement import plan as plan_placement
+from .memory.requantize import refuse_streaming_requantized
 from .plugins.registry import get_registry
 from .runtime.sampling import SamplingParams
 from .model.checkpoint_reader import Checkpoint
 from .quant import checkpoint as qckpt
-from .quant.scheme import DEFAULT_GROUP
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -244,9 +244,6 @@ class Model:
         return f"<ernie_hal.Model {self.path}{kind} on {self.backend.info.label} {self.dtype}>"
 
 
-OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
-
-
 def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtype="auto",
          allow_fallback: bool = True, progress=None, max_device_memory=None, max_host_memory=None,
          offload: str = "auto", expert_cache: str = "lru", prefetch: bool | None = None,
@@ -291,7 +288,7 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
     if tensor_parallel_size != 1:
         return _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tensor_parallel_size,
                               expert_parallel, env, prefix_caching,
-                              budgets=(max_device_memory, max_host_memory, offload),
+                              budgets=(max_device_memory, max_host_memory, offload, expert_cache, prefetch),
                               quantization=quantization, group_size=group_size)
     device_budget = parse_budget(max_device_memory, "max_device_memory (--max-device-memory)")
     host_budget = parse_budget(max_host_memory, "max_host_memory (--max-host-memory)")
@@ -331,7 +328,7 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
                                   stored_quant=stored is not None)
     else:
         if quant is not None and stored is None:
-            _refuse_streaming_requantized(graph, plan, path, quant)
+            refuse_streaming_requantized(graph, plan, path, quant)
         from .memory.offload import OffloadedWeights
         weights = OffloadedWeights(graph, ckpt, backend, dtype, plan, progress=tick, prefetch=prefetch,
                                    cache_policy=expert_cache, prepare=prepare, stored_quant=stored is not None)
@@ -340,34 +337,15 @@ def load(path_or_preset: str | None = None, device: str | Backend = "auto", dtyp
                  tokenizer, random_weights, rss_before, plan=plan, eager=eager, prefix_caching=prefix_caching)
 
 
-def _refuse_streaming_requantized(graph, plan, path, quant) -> None:
-    """Quantize-at-load holds packed weights on the device and in pinned host memory; a weight the
-    plan streams from the checkpoint would be read at full width and quantized again every step
-    (no bytes saved, a full quantization per use), so that plan is refused: quantize the
-    checkpoint once and stage its packed tensors. The input embedding is exempt: a step reads only
-    its tokens' rows, quantized as read (scales are per row, so exactly the same values)."""
-    streamed = [w for w in graph.weights() if w.quant is not None and plan.tiers[w.name] not in (DEVICE, HOST)
-                and not (w is graph.embed and not graph.tied)]
-    if streamed:
-        gs = "" if quant.group_size == DEFAULT_GROUP[quant.scheme] else f" --group-size {quant.group_size}"
-        raise BudgetError(
-            f"{path}: {format_bytes(sum(w.nbytes for w in streamed))} of {quant.label} weights would stream from "
-            f"an unquantized checkpoint (re-quantized every step); write a quantized checkpoint once with "
-            f"`ernie-hal quantize --model {path} --out DST --quantization {quant.scheme}{gs}` and load DST "
-            f"(or raise --max-device-memory/--max-host-memory)")
-
-
 def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, expert_parallel, env,
                    prefix_caching, budgets, quantization=None, group_size=None) -> Model:
     """load() over a tensor-parallel group; see core/parallel. Quantization applies per rank: each
     rank packs (or reads packed) only its own slices, cut on group boundaries."""
-    from .parallel.group import ParallelError, join_torchrun, launch_local
-    from .parallel.layout import check, describe
+    from .parallel.budgets import RankBudgets, plan_rank
+    from .parallel.group import join_torchrun, launch_local
+    from .parallel.layout import check, describe, layout
     from .parallel.model import build_rank
-    max_device, max_host, offload = budgets
-    if max_device is not None or max_host is not None or offload not in ("auto", "none", "on", "off", True, False):
-        raise ParallelError("memory budgets and offload modes are not supported with tensor parallel yet; "
-                            "drop --max-device-memory/--max-host-memory/--offload or use --tensor-parallel-size 1")
+    rank_budgets = RankBudgets.parse(*budgets)
     rss_before = psutil.Process().memory_info().rss
     backend = device if isinstance(device, Backend) else pick_device(device)
     path, random_weights = resolve_model_path(path_or_preset)
@@ -377,6 +355,11 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
     quant = qckpt.choose(qckpt.stored_spec(config), quantization, group_size, path)
     graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight", quant=quant)
     check(graph, tp, expert_parallel, quant)      # refuse before any process starts
+    plans = None
+    if rank_budgets is not None:                  # every rank's slices have rank 0's shapes: plan here first
+        stored = qckpt.stored_spec(config) is not None
+        plans = [plan_rank(graph, layout(graph, tp, r, expert_parallel), backend, dtype, rank_budgets, path,
+                           stored)[1] for r in range(tp)]
     if env is not None:
         if env["local_rank"]:
             backend = pick_device(_rank_devices(backend, env["local_rank"] + 1)[env["local_rank"]])
@@ -386,7 +369,8 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
         group = launch_local(tp, backend.caps.collectives, dict(
             path=path, devices=_rank_devices(backend, tp), dtype=str(dtype).replace("torch.", ""),
             expert_parallel=bool(expert_parallel), allow_fallback=allow_fallback, threads=threads,
-            quantization=quant.scheme if quant else None, group_size=quant.group_size if quant else None),
+            quantization=quant.scheme if quant else None, group_size=quant.group_size if quant else None,
+            budgets=rank_budgets.as_json() if rank_budgets is not None else None),
             device=backend.device)
     try:
         done = [0]
@@ -397,7 +381,7 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
                 progress(done[0], graph.total_bytes // tp)
 
         model = build_rank(ckpt, backend, dtype, group, expert_parallel, allow_fallback, progress=tick,
-                           rss_before=rss_before, quant=quant)
+                           rss_before=rss_before, quant=quant, budgets=rank_budgets)
         if group.rank != 0:         # torchrun: this rank follows rank 0 until it stops the group
             model.follow()
             group.close(stop=False)
@@ -408,8 +392,8 @@ def _load_parallel(path_or_preset, device, dtype, allow_fallback, progress, tp, 
         group.close()
         raise
     out = Model(path, config, backend, dtype, model, _load_tokenizer(path), random_weights, rss_before,
-                plan=None, eager=True, prefix_caching=prefix_caching)
-    out.parallel = describe(graph, tp, expert_parallel, dtype, quant)
+                plan=model.plan, eager=True, prefix_caching=prefix_caching)   # model.plan: rank 0's
+    out.parallel = describe(graph, tp, expert_parallel, dtype, quant, plans=plans)
     for row, mem in zip(out.parallel["ranks"], model.rank_memory):
         row.update({k: v for k, v in mem.items() if k != "rank"})
     out.group = group

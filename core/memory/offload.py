@@ -111,6 +111,11 @@ class FileReader:
             self.pread(ref.file, ref.offset + first * size, scratch[:n * size])
             flat[first:first + n].copy_(scratch[:n * size].view(ref.dtype))
 
+    def contiguous(self, ref: TensorRef) -> bool:
+        """True when `ref`'s bytes are one span of its file (pread chunk by chunk); a reader of
+        slices (core/parallel) says False for strided or padded ones, which read_into gathers."""
+        return True
+
     def read_rows(self, ref: TensorRef, rows: list, dst: torch.Tensor) -> None:
         """Rows `rows` of a 2-D tensor into dst [len(rows), cols] (host memory)."""
         row_bytes = ref.nbytes // ref.shape[0]
@@ -224,8 +229,13 @@ class Stager:
         if isinstance(src, TensorRef):
             if self.direct:
                 self.reader.read_into(src, dst)
-            else:
+            elif self.reader.contiguous(src):
                 self._file_to_device(src, dst)
+            else:                 # strided or padded: gathered on the host, then one copy
+                host = torch.empty(src.shape, dtype=dst.dtype)
+                self.reader.read_into(src, host)
+                self.count(host.numel() * host.element_size(), self._timed_copy(dst, host) or 0.0)
+                self.backend.sync_event(self.backend.record_event(self.stream))   # host is freed next
             return
         self.count(src.numel() * src.element_size(), self._timed_copy(dst, src) or 0.0)
 
@@ -391,9 +401,10 @@ class OffloadedWeights:
 
     def __init__(self, graph: ModelGraph, ckpt: Checkpoint, backend: Backend, dtype: torch.dtype, plan: Plan,
                  progress=None, prefetch: bool | None = None, cache_policy: str = "lru", prepare=None,
-                 stored_quant: bool = False):
+                 stored_quant: bool = False, reader: FileReader | None = None):
         """prepare: the kernel table's prepare_weight (quantized models); stored_quant: the
-        checkpoint holds the packed weights already (`ernie-hal quantize`)."""
+        checkpoint holds the packed weights already (`ernie-hal quantize`); reader: how tensors
+        are read (default FileReader(ckpt); a tensor-parallel rank reads its slices)."""
         self.graph, self.ckpt, self.backend, self.dtype, self.plan = graph, ckpt, backend, dtype, plan
         self.config = graph.config
         self.progress = progress
@@ -401,7 +412,7 @@ class OffloadedWeights:
         self.stored_quant = stored_quant
         self._views: dict = {}                       # (ring slot, unit key) -> {piece key: view}
         self._policy, self._prefetch, self._probes = cache_policy, prefetch, 0
-        self.reader = FileReader(ckpt)
+        self.reader = reader if reader is not None else FileReader(ckpt)
         self.stager = Stager(self.reader, backend, plan.pinned_chunks, plan.pinned_chunk_bytes)
         self.stats_ = OffloadStats()
         self.cached = plan.expert_bytes > 0          # routed experts go through the expert cache
@@ -502,13 +513,16 @@ class OffloadedWeights:
         """Weight `r` into `dst` once, at load: read as stored, or quantized from a plain
         checkpoint a block of rows at a time (quantize_from: a few MiB of floats held at once)."""
         if r.quant is not None and not self.stored_quant:
-            quantize_from(self.ckpt, r, dst)
+            self._quantize_at_load(r, dst)
         else:
             copy = self.reader.read_into if host else self.stager.copy
             for src, d in zip(self._sources(r), _tensors(dst)):
                 copy(src, d)
         if self.progress is not None:
             self.progress(r.nbytes)
+
+    def _quantize_at_load(self, r, dst) -> None:
+        quantize_from(self.ckpt, r, dst)
 
     def _setup_experts(self) -> None:
         c, plan = self.config, self.plan

@@ -30,6 +30,7 @@ from ..model.graph import ModelGraph, WeightRef
 from ..sizes import parse_size
 
 MODES = ("auto", "none", "layers", "experts")
+OFFLOAD_ALIASES = {"on": "auto", "off": "none", True: "auto", False: "none"}
 DEVICE, HOST, DISK = "device", "host", "disk"
 ALIGN = 256                       # byte alignment of each tensor inside a staging buffer
 KV_TOKENS = 2048                  # KV cache reserved on the device by default (tokens)

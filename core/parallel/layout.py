@@ -218,8 +218,9 @@ def all_layouts(graph: ModelGraph, world_size: int, expert_parallel: bool = Fals
 
 
 def describe(graph: ModelGraph, world_size: int, expert_parallel: bool, dtype: torch.dtype,
-             quant: QuantSpec | None = None) -> dict:
-    """The layout as data for --json: per rank, what it holds and its bytes (packed under `quant`)."""
+             quant: QuantSpec | None = None, plans: list | None = None) -> dict:
+    """The layout as data for --json: per rank, what it holds and its bytes (packed under `quant`);
+    with `plans` (placement Plans per rank, under per-rank budgets) each rank's bytes by tier."""
     lays = all_layouts(graph, world_size, expert_parallel)
     c = graph.config
     ranks = []
@@ -228,6 +229,11 @@ def describe(graph: ModelGraph, world_size: int, expert_parallel: bool, dtype: t
                           vocab=list(lay.vocab), vocab_rows=lay.vocab_per_rank,
                           experts=list(lay.experts) if c.is_moe else None,
                           bytes=lay.nbytes(dtype, quant)))
+        if plans is not None:
+            p = plans[lay.rank]
+            ranks[-1].update(plan=dict(device_bytes=p.tier_bytes("device"), host_bytes=p.tier_bytes("host"),
+                                       disk_bytes=p.tier_bytes("disk"), device_budget_bytes=p.device_budget,
+                                       host_budget_bytes=p.host_budget, mode=p.mode, unified_memory=p.unified))
     kv_replicas = max(1, world_size // c.num_key_value_heads)
     mode = ("expert parallel" if lays[0].expert_parallel else "tensor parallel") if c.is_moe else "tensor parallel"
     return dict(world_size=world_size, mode=mode, kv_head_replicas=kv_replicas,
@@ -250,4 +256,12 @@ def table(desc: dict) -> str:
                      f"{r['kv_heads'][1] - 1:<4}  {r['vocab'][0]:>7}-{r['vocab'][1] - 1:<7}  {ex:>9}  "
                      f"{_fmt(r['bytes']):>10}")
     lines.append(f"total {_fmt(desc['total_bytes'])} over {desc['world_size']} ranks")
+    for r in desc["ranks"]:
+        p = r.get("plan")
+        if p is None:
+            continue
+        budget = (f"memory budget {_fmt(p['device_budget_bytes'])} (unified)" if p["unified_memory"] else
+                  f"device budget {_fmt(p['device_budget_bytes'])}, host budget {_fmt(p['host_budget_bytes'])}")
+        lines.append(f"rank {r['rank']} offload plan ({p['mode']}, {budget}, per rank): device "
+                     f"{_fmt(p['device_bytes'])}, pinned host {_fmt(p['host_bytes'])}, streamed {_fmt(p['disk_bytes'])}")
     return "\n".join(lines)

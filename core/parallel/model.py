@@ -24,7 +24,9 @@ from ..runtime.executor import ErnieModel
 from ..runtime.kvcache import KVCache
 from . import step as steps
 from .group import bind_device
+from .budgets import RankBudgets, apply_budget, plan_rank
 from .layout import layout, local_config
+from .offloaded import RankOffloadedWeights
 from .weights import ShardedWeights
 
 _generations = itertools.count(1)
@@ -92,11 +94,12 @@ class ParallelModel(ErnieModel):
 
 def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_parallel: bool,
                allow_fallback: bool = True, progress=None, rss_before: int | None = None,
-               quant=None) -> ParallelModel:
+               quant=None, budgets: RankBudgets | None = None) -> ParallelModel:
     """This rank's model: its layout, its slices read from `ckpt`, kernels plus collectives;
-    `quant` (a QuantSpec, checked by the caller against the checkpoint) packs its weights.
-    Ends with every rank's host memory (RSS before loading, peak and RSS after) gathered in
-    `model.rank_memory`."""
+    `quant` (a QuantSpec, checked by the caller against the checkpoint) packs its weights;
+    `budgets` (per rank) plan and stage its slices as one process stages a model (its plan in
+    `model.plan`). Ends with every rank's host memory (RSS before loading, peak and RSS after)
+    gathered in `model.rank_memory`."""
     config = ckpt.config
     stored = qckpt.stored_spec(config) is not None
     graph = build(config, untied_head=ckpt.lm_head_name == "lm_head.weight", quant=quant)
@@ -115,12 +118,21 @@ def build_rank(ckpt: Checkpoint, backend, dtype: torch.dtype, group, expert_para
         except CollectiveError as e:
             raise group.error(e) from None
 
-    weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress,
-                             prepare=getattr(kernels, "prepare_weight", None) if quant is not None else None,
-                             stored_quant=stored, reduce_max=reduce_max)
-    local_graph = type(graph)(config=local, embed=graph.embed, blocks=graph.blocks,
-                              final_norm=graph.final_norm, head=graph.head, quant=quant)
+    prepare = getattr(kernels, "prepare_weight", None) if quant is not None else None
+    plan = None
+    if budgets is None:
+        weights = ShardedWeights(graph, ckpt, backend, dtype, lay, progress=progress, prepare=prepare,
+                                 stored_quant=stored, reduce_max=reduce_max)
+        local_graph = type(graph)(config=local, embed=graph.embed, blocks=graph.blocks,
+                                  final_norm=graph.final_norm, head=graph.head, quant=quant)
+    else:
+        local_graph, plan = plan_rank(graph, lay, backend, dtype, budgets, ckpt.path, stored)
+        apply_budget(backend, plan, budgets)
+        weights = RankOffloadedWeights(graph, local_graph, ckpt, backend, dtype, plan, lay, reduce_max=reduce_max,
+                                       progress=progress, prefetch=budgets.prefetch,
+                                       cache_policy=budgets.expert_cache, prepare=prepare, stored_quant=stored)
     model = ParallelModel(local_graph, backend, kernels, weights, dtype, group, lay)
+    model.plan = plan
     before = _rss() if rss_before is None else rss_before
     mine = torch.tensor([before, _peak_rss(), _rss()], dtype=torch.int64)
     try:
