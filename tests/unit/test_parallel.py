@@ -116,8 +116,6 @@ def test_refused_layout_names_both_counts_before_starting_processes(tmp_path):
                              str(tmp_path / "m"), dtype="float32")
     with pytest.raises(ValueError, match="num_key_value_heads 4 and tensor_parallel_size 6"):
         ernie_hal.load(path, device="cpu", tensor_parallel_size=6)
-    with pytest.raises(RuntimeError, match="not supported with tensor parallel"):
-        ernie_hal.load(path, device="cpu", tensor_parallel_size=2, max_host_memory="1GiB")
 
 
 @pytest.mark.timeout(240)
