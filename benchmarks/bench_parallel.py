@@ -8,7 +8,10 @@ at the same --quantization (each scheme a row per N; quantized at load, each ran
 On a 2-core CPU this measures correctness and memory, not speed: the ranks share the cores.
 
     python benchmarks/bench_parallel.py [--model DIR|PRESET] [--layers L] [--device cpu] [--tp 1 2]
-                                        [--quantization none wint8 wint4]
+                                        [--quantization none wint8 wint4] [--max-host-memory none 80MiB]
+
+--max-host-memory: one row per value and N, each a per-rank budget (ranks stage what does not fit
+from the checkpoint, core/parallel/budgets.py); ids are compared with N = 1 without a budget.
 
 Without --model a ~130 MiB fp32 checkpoint (hidden 512, 8 layers) is written once to --checkpoints.
 Writes benchmarks/results/bench_parallel_<device>.json (temp file, then rename).
@@ -63,7 +66,8 @@ def one(args) -> dict:
     gc.collect()
     t0 = time.perf_counter()
     model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.one,
-                           expert_parallel=args.expert_parallel, quantization=args.quantization[0])
+                           expert_parallel=args.expert_parallel, quantization=args.quantization[0],
+                           max_host_memory=None if args.max_host_memory[0] == "none" else args.max_host_memory[0])
     load_s = time.perf_counter() - t0
     loaded_peak, loaded_rss = peak_rss_bytes(), psutil.Process().memory_info().rss   # as the ranks report theirs
     prompt = torch.randint(3, model.config.vocab_size, (args.prefill_len,),
@@ -78,8 +82,10 @@ def one(args) -> dict:
         ranks = [dict(rank=r["rank"], load_growth_bytes=r["peak_rss_bytes"] - r["rss_before_load_bytes"],
                       held_after_load_bytes=r["rss_after_load_bytes"] - r["rss_before_load_bytes"],
                       weight_bytes=r["bytes"]) for r in model.parallel["ranks"]]
+    offload = m.get("offload") or {}
     model.close()
-    return dict(tp=args.one, quantization=model.quantization["scheme"], group_size=model.quantization["group_size"],
+    return dict(tp=args.one, max_host_memory=args.max_host_memory[0],
+                disk_read_bytes_rank0=offload.get("disk_read_bytes"), quantization=model.quantization["scheme"], group_size=model.quantization["group_size"],
                 expert_parallel=bool(args.expert_parallel and args.one > 1), load_seconds=load_s,
                 prefill_tokens=m["prefill_tokens"], prefill_tokens_per_s=m["prefill_tokens_per_s"],
                 decode_tokens=m["decode_tokens"], decode_tokens_per_s=m["decode_tokens_per_s"],
@@ -96,6 +102,8 @@ def main() -> int:
     ap.add_argument("--expert-parallel", action="store_true")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "wint8", "wint4"],
                     help="one row per scheme and N (default group sizes: wint8 per channel, wint4 128)")
+    ap.add_argument("--max-host-memory", nargs="+", default=["none"],
+                    help="per-rank host budgets, one row each (none: no budget)")
     ap.add_argument("--prefill-len", type=int, default=64)
     ap.add_argument("--decode-len", type=int, default=32)
     ap.add_argument("--checkpoints", default=os.path.join(tempfile.gettempdir(), "ernie-hal-bench"))
@@ -107,15 +115,15 @@ def main() -> int:
         return 0
     path = checkpoint(args)
     rows = []
-    for q in args.quantization:
+    for q, budget in [(q, b) for q in args.quantization for b in args.max_host_memory]:
         for n in args.tp:
             cmd = [sys.executable, os.path.abspath(__file__), "--model", path, "--device", args.device,
                    "--dtype", args.dtype, "--prefill-len", str(args.prefill_len), "--decode-len",
-                   str(args.decode_len), "--quantization", q, "--one", str(n)] + \
+                   str(args.decode_len), "--quantization", q, "--max-host-memory", budget, "--one", str(n)] + \
                 (["--expert-parallel"] if args.expert_parallel else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                rows.append(dict(tp=n, quantization=q, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+                rows.append(dict(tp=n, quantization=q, max_host_memory=budget, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
                 print(f"tp {n} {q}: error: {rows[-1]['error']}", file=sys.stderr)
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -123,14 +131,15 @@ def main() -> int:
         if "error" in r:
             continue
         base = next((b for b in rows if b.get("tp") == 1 and "error" not in b
-                     and b["quantization"] == r["quantization"]), None)
+                     and b["quantization"] == r["quantization"] and b.get("max_host_memory", "none") == "none"),
+                    None)
         if base is not None:
             r["ids_equal_tp1"] = r["token_ids"] == base["token_ids"]
             one_growth = base["ranks"][0]["load_growth_bytes"]
             r["max_rank_growth_vs_tp1"] = max(x["load_growth_bytes"] for x in r["ranks"]) / one_growth
         mem = ", ".join(f"rank {x['rank']} peak +{x['load_growth_bytes'] / 2**20:.0f} MiB, held "
                         f"+{x['held_after_load_bytes'] / 2**20:.0f} MiB" for x in r["ranks"])
-        print(f"tp {r['tp']} {r['quantization']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
+        print(f"tp {r['tp']} {r['quantization']} budget {r['max_host_memory']}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
               f"{r['decode_tokens_per_s']:.1f} tok/s; {mem}; ids equal tp 1: {r.get('ids_equal_tp1')}")
     data = dict(device=args.device, dtype=DTYPES[args.dtype], model=path, host=platform.node(),
                 cpus=os.cpu_count(), prefill_len=args.prefill_len, decode_len=args.decode_len,
