@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import ernie_hal
 from ernie_hal.core.memory.placement import BudgetError
