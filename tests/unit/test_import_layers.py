@@ -163,9 +163,9 @@ CORE_FLOORS = {
     "core.model": 2,      # what a model is
     "core.runtime": 3,    # running it
     "core.memory": 4,     # where its weights live (stages into the executor's layer weights)
-    "core.parallel": 4,   # how its weights split over ranks (the executor on each rank)
-    "core.api": 5,        # load(), devices(), Model
-    "core.checks": 6,     # the conformance matrix loads models through the API
+    "core.parallel": 5,   # how its weights split over ranks (each rank stages its slices through memory)
+    "core.api": 6,        # load(), devices(), Model
+    "core.checks": 7,     # the conformance matrix loads models through the API
 }
 
 
