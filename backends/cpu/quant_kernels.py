@@ -172,24 +172,51 @@ def prepare_weight(w, role: str | None = None, staged: bool = False):
     return out
 
 
+# swiglu_mlp / moe_experts run one GEMM over a fused [gate; up] (parts' `parent`), so the loader
+# fuses them (core/runtime/executor.py _parts_readable)
+prepare_weight.reads_fused_parts = True
+
+
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     return w.native(x)
 
 
+def _fused_gate_up(w_gate, w_up):
+    """The fused [gate; up] GEMM when the two are exactly the rows of one prepared weight (the
+    loader's fusion: `PackedWeight.parent`), else None."""
+    p = w_gate.parent
+    if (w_gate.native is not None or p is None or w_up.parent is not p or w_gate.row0 != 0
+            or w_up.row0 != w_gate.shape[-2] or p.shape[-2] != 2 * w_gate.shape[-2]):
+        return None
+    return p.native
+
+
+def _silu_mul(x, gate, up, fused, rows: int):
+    """silu(gate(x)) * up(x) in x.dtype, one GEMM over the fused rows where there is one. silu
+    runs on a contiguous copy of the gate half: the vectorised path the unfused output takes, so
+    the same values (each output row is one dot product either way)."""
+    if fused is None:
+        h = F.silu(gate(x), inplace=True)
+        return h.mul_(up(x))
+    gu = fused(x)
+    h = F.silu(gu[..., :rows].contiguous(), inplace=True)
+    return h.mul_(gu[..., rows:])
+
+
 def swiglu_mlp(x: torch.Tensor, w_gate, w_up, w_down) -> torch.Tensor:
-    h = F.silu(w_gate.native(x), inplace=True)
-    h.mul_(w_up.native(x))
+    h = _silu_mul(x, w_gate.native, w_up.native, _fused_gate_up(w_gate, w_up), w_gate.shape[-2])
     return w_down.native(h)
 
 
 def moe_experts(x, topk_weights, topk_ids, w_gate, w_up, w_down) -> torch.Tensor:
-    g, u, d = w_gate.native, w_up.native, w_down.native
+    d, rows = w_down.native, w_gate.shape[-2]
+    fused = _fused_gate_up(w_gate, w_up)
+    g, u = (w_gate.native, w_up.native) if fused is None else ([None] * len(d), [None] * len(d))
+    f = fused if fused is not None else [None] * len(d)
 
     def expert(e, xs):
-        h = F.silu(g[e](xs), inplace=True)
-        h.mul_(u[e](xs))
-        return d[e](h)
-    return grouped_experts(x, topk_weights, topk_ids, len(g), expert)
+        return d[e](_silu_mul(xs, g[e], u[e], f[e], rows))
+    return grouped_experts(x, topk_weights, topk_ids, len(d), expert)
 
 
 def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, norm_min: float, shared=None):
