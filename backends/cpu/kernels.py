@@ -3,7 +3,8 @@ gate/up SwiGLU, and routed experts grouped per active expert. Each has the refer
 signature and is checked against kernels/reference in tests/unit/test_cpu_kernels.py.
 
 Prefill-sized projections (more than GEMV_MAX_ROWS rows) go to torch's F.linear, which runs
-oneDNN/MKL GEMMs there; so do dtypes or layouts the native GEMV does not take.
+oneDNN/MKL GEMMs there (bf16 in fp32 where the CPU has no bf16 arithmetic: prefill_gemm.py); so
+do dtypes or layouts the native GEMV does not take.
 """
 
 from __future__ import annotations
@@ -15,19 +16,26 @@ from ...kernels.reference.moe import grouped_experts, moe_route
 from ...kernels.reference.norm import add_rms_norm as ref_add_rms_norm
 from ...kernels.reference.norm import rms_norm as ref_rms_norm
 from .attention_kernels import make_gqa_attention, make_rope_kv_write
+from .prefill_gemm import bf16_gemm_is_native, linear_fp32
 
 GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
 NORM_MAX_ROWS = 64    # the native norm is one thread; longer prefills take torch's threaded ops
 
 
-def make_linear(native):
-    """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T."""
+def make_linear(native, widen_bf16: bool | None = None):
+    """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T.
+    widen_bf16: bf16 GEMMs (prefill) in fp32 (prefill_gemm.py); default where the CPU has no bf16
+    arithmetic."""
     entry = {torch.bfloat16: native.bf16, torch.float32: native.f32}
+    if widen_bf16 is None:
+        widen_bf16 = not bf16_gemm_is_native()
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         fn = entry.get(x.dtype)
         if (fn is None or x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or w.dtype != x.dtype
                 or x.stride(1) != 1 or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x.shape[1]):
+            if widen_bf16 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2 and x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
+                return linear_fp32(x, w)
             return F.linear(x, w)
         M, K = x.shape
         N = w.shape[0]

@@ -9,6 +9,7 @@ share it, the lookup reading rows of the same bytes):
                                    accumulation (bf16/fp32 activations; others take the prefill path)
   prefill                          a chunk of rows dequantized by qgemv.c to exactly the values the
                                    reference computes (q * s, cast as torch casts), then torch's GEMM
+                                   (bf16 widened to fp32 where the CPU has no bf16 arithmetic)
 Without it (no compiler, ERNIE_HAL_CPU_NATIVE=0), torch's own weight-pack GEMMs:
   wint8 per channel   aten._weight_int8pack_mm on the packed int8 layout as it is
   wint8 grouped       the same op once per group of input columns, the partial products summed
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from ...kernels.reference import quantized as ref
 from ...kernels.reference.dequant import unpack_int4
 from ...kernels.reference.moe import grouped_experts, moe_route
+from .prefill_gemm import bf16_gemm_is_native
 
 INT4_GROUPS = (256, 128, 64, 32)
 QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: decode batches
@@ -83,6 +85,7 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
     N, G = scales.shape
     K = data.shape[1] * (2 if bits == 4 else 1)
     chunk = max(16, PREFILL_CHUNK_BYTES // (4 * K))
+    widen = not bf16_gemm_is_native()
 
     def dequantized(x_dtype, n0, n1):
         if x_dtype not in NATIVE_DTYPES:   # fp16: the reference's values, cast as it casts
@@ -95,6 +98,14 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
     def gemm(x):
         x2 = x.reshape(-1, K)
         T = x2.shape[0]
+        if T > QGEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and widen:
+            # no bf16 arithmetic: the reference's bf16-rounded weights, widened, in an fp32 GEMM
+            x32 = x2.float()
+            y = torch.empty(T, N, dtype=x2.dtype)
+            for n0 in range(0, N, chunk):
+                n1 = min(N, n0 + chunk)
+                y[:, n0:n1] = F.linear(x32, dequantized(x2.dtype, n0, n1).float())
+            return y.view(*x.shape[:-1], N)
         if T <= QGEMV_MAX_ROWS and x2.dtype in NATIVE_DTYPES:
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
