@@ -34,6 +34,7 @@ from .prefill_gemm import bf16_gemm_is_native
 
 INT4_GROUPS = (256, 128, 64, 32)
 QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: decode batches
+CHUNKED_QGEMV_ROWS = 32            # batches up to this run qgemv 8 rows a pass (prefill: dequantize + GEMM)
 PREFILL_CHUNK_BYTES = 16 << 20     # dequantized rows per GEMM in prefill: bounded scratch
 NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -98,6 +99,16 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
     def gemm(x):
         x2 = x.reshape(-1, K)
         T = x2.shape[0]
+        if QGEMV_MAX_ROWS < T <= CHUNKED_QGEMV_ROWS and x2.dtype in NATIVE_DTYPES:
+            # a decode batch: a few passes over the packed bytes, not every weight dequantized per step
+            x2 = x2.contiguous()
+            y = torch.empty(T, N, dtype=x2.dtype)
+            for m0 in range(0, T, QGEMV_MAX_ROWS):
+                rows = min(QGEMV_MAX_ROWS, T - m0)
+                if lib.qgemv(bits, x2[m0:].data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
+                             scales.data_ptr(), G, y[m0:].data_ptr(), N, rows, N, K, torch.get_num_threads()):
+                    raise MemoryError("qgemv: no memory for its activation scratch")
+            return y.view(*x.shape[:-1], N)
         if T > QGEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and widen:
             # no bf16 arithmetic: the reference's bf16-rounded weights, widened, in an fp32 GEMM
             x32 = x2.float()

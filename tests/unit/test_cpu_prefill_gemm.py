@@ -59,3 +59,35 @@ def test_the_cpu_linear_widens_prefill_only_when_asked():
     one = x[:1]
     assert torch.equal(cpu_kernels.make_linear(NATIVE, widen_bf16=True)(one, w),
                        cpu_kernels.make_linear(NATIVE, widen_bf16=False)(one, w))
+
+
+@pytest.mark.skipif(NATIVE is None, reason=f"native GEMV unavailable: {WHY}")
+@pytest.mark.parametrize("rows", [9, 16, 20, 32])
+def test_decode_batches_past_eight_rows_run_the_gemv_in_passes(rows):
+    """Without bf16 arithmetic a 9..32-row bf16 batch runs the native GEMV 8 rows a pass: the
+    values each 8-row batch gets alone."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    linear = cpu_kernels.make_linear(NATIVE, widen_bf16=True)
+    got = linear(x, w)
+    assert torch.equal(got, torch.cat([linear(x[m:m + 8], w) for m in range(0, rows, 8)]))
+    torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(NATIVE is None, reason=f"native GEMV unavailable: {WHY}")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_decode_batches_past_eight_rows_read_the_packed_bytes(bits):
+    from ernie_hal.backends.cpu import quant_kernels
+    from ernie_hal.core.quant import resolve
+    from ernie_hal.core.quant.quantize import quantize
+    from ernie_hal.kernels.reference import quantized as refq
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(48, 128, generator=g)
+    spec = resolve("wint8" if bits == 8 else "wint4", None)
+    packed = quant_kernels.prepare_weight(quantize(w, spec, torch.float32))
+    x = torch.randn(20, 128, generator=g)
+    got = quant_kernels.linear(x, packed)
+    # passes of 8, 8 and 4 rows: what each of those batches gives alone
+    assert torch.equal(got, torch.cat([quant_kernels.linear(x[m:m + 8], packed) for m in (0, 8, 16)]))
+    torch.testing.assert_close(got, refq.linear(x, packed), atol=1e-4, rtol=1e-4)

@@ -163,7 +163,7 @@ def test_native_prefill_equals_reference(monkeypatch, scheme, group, dtype):
     chunk or several."""
     g = torch.Generator().manual_seed(1)
     pw = quantize(torch.randn(100, 256, generator=g), resolve(scheme, group), dtype)
-    x = torch.randn(cpu.QGEMV_MAX_ROWS + 3, 256, generator=g).to(dtype)
+    x = torch.randn(cpu.CHUNKED_QGEMV_ROWS + 3, 256, generator=g).to(dtype)
     assert torch.equal(cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x), ref.linear(x, pw))
     monkeypatch.setattr(cpu, "PREFILL_CHUNK_BYTES", 32 * 4 * 256)       # 32 rows per chunk
     got = cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x)
