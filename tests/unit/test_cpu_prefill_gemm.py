@@ -50,7 +50,7 @@ def test_bf16_arithmetic_is_read_from_the_cpu_flags(tmp_path, flags, native):
 
 @pytest.mark.skipif(NATIVE is None, reason=f"native GEMV unavailable: {WHY}")
 def test_the_cpu_linear_widens_prefill_only_when_asked():
-    x = torch.randn(20, 64).to(torch.bfloat16)
+    x = torch.randn(cpu_kernels.CHUNKED_GEMV_ROWS + 8, 64).to(torch.bfloat16)      # prefill-sized
     w = torch.randn(48, 64).to(torch.bfloat16)
     widened = cpu_kernels.make_linear(NATIVE, widen_bf16=True)(x, w)
     assert torch.equal(widened, prefill_gemm.linear_fp32(x, w))

@@ -174,7 +174,9 @@ def test_discrete_device_path_pinned_tier_and_chunked_copies(ckpt_dir, resident)
     store = OffloadedWeights(graph, ckpt, backend, torch.bfloat16, p)
     m = Model(ckpt_dir, ckpt.config, backend, torch.bfloat16,
               ErnieModel(graph, backend, KernelTable(ops=dict(OPS)), store, torch.bfloat16), None, True, 0, plan=p)
-    assert torch.equal(m.logits(PROMPT), resident["logits"])
+    # reference kernels here, the CPU backend's in `resident`: bit-equal where the CPU multiplies
+    # bf16; without bf16 arithmetic its prefill GEMM runs widened to fp32 (another summation order)
+    torch.testing.assert_close(m.logits(PROMPT), resident["logits"], atol=2e-2, rtol=2e-2)
     stats = store.stats()
     assert stats["h2d_bytes"] > 0 and stats["pinned_host_bytes"] <= 24 * MiB
     assert backend.memory.peak <= 10 * MiB
