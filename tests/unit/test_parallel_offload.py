@@ -15,28 +15,11 @@ import pytest
 
 import ernie_hal
 from ernie_hal.core.memory.placement import BudgetError
-from ernie_hal.core.model.config import preset
-from ernie_hal.core.model.defaults import make_random_model
 from ernie_hal.core.model.quantized_writer import write_quantized_checkpoint
 from ernie_hal.core.quant import resolve
 
-PROMPTS = [[3, 17, 101, 5, 250, 9, 77], [8, 2, 500, 64, 33]]
-
-CONFIGS = {
-    # one KV head on 2 ranks, vocabulary 509 (odd: padded to 510), untied head
-    "dense": preset("tiny").replace(vocab_size=509, num_key_value_heads=1, tie_word_embeddings=False),
-    # 2 shared experts, untied head, odd vocabulary
-    "moe-shared2": preset("tiny-moe").replace(vocab_size=509, tie_word_embeddings=False),
-    # no shared experts, tied head, odd vocabulary
-    "moe-shared0": preset("tiny-moe").replace(vocab_size=511, moe_num_shared_experts=0),
-}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp-offload")
-    return {name: make_random_model(cfg, str(root / name), seed=3, dtype="float32")
-            for name, cfg in CONFIGS.items()}
+# the tensor-parallel suite's models (odd vocabularies, 0 and 2 shared experts, tied and untied heads)
+from .test_parallel import PROMPTS, checkpoints  # noqa: F401 - checkpoints is a fixture
 
 
 def _one_process(path):
