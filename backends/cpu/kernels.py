@@ -24,39 +24,29 @@ NORM_MAX_ROWS = 64    # the native norm is one thread; longer prefills take torc
 
 
 def make_linear(native, widen_bf16: bool | None = None):
-    """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T.
-    widen_bf16: bf16 GEMMs (prefill) in fp32 (prefill_gemm.py); default where the CPU has no bf16
-    arithmetic."""
+    """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T (8 rows
+    a pass). widen_bf16 (default: where the CPU has no bf16 arithmetic): bf16 batches up to
+    CHUNKED_GEMV_ROWS take the GEMV in passes, longer ones an fp32 GEMM (prefill_gemm.py), since
+    torch's bf16 GEMM is slow there."""
     entry = {torch.bfloat16: native.bf16, torch.float32: native.f32}
     if widen_bf16 is None:
         widen_bf16 = not bf16_gemm_is_native()
+    max_rows = {torch.bfloat16: CHUNKED_GEMV_ROWS if widen_bf16 else GEMV_MAX_ROWS, torch.float32: GEMV_MAX_ROWS}
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         fn = entry.get(x.dtype)
-        if (fn is None or x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS or w.dtype != x.dtype
+        if (fn is None or x.dim() != 2 or x.shape[0] > max_rows[x.dtype] or w.dtype != x.dtype
                 or x.stride(1) != 1 or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x.shape[1]):
-            if widen_bf16 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2 and x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
-                if fn is not None and x.dim() == 2 and x.shape[0] <= CHUNKED_GEMV_ROWS and x.stride(1) == 1 \
-                        and w.is_contiguous() and w.shape[1] == x.shape[1]:
-                    return chunked(fn, x, w)
+            if widen_bf16 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2:
                 return linear_fp32(x, w)
             return F.linear(x, w)
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, dtype=x.dtype)
-        fn(x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads())
-        return y
-
-    def chunked(fn, x, w):
-        """A decode batch past the GEMV's 8 rows, 8 rows a pass: on a CPU without bf16 arithmetic
-        a few passes over the bf16 weights beat widening all of them to fp32 every step."""
-        M, K = x.shape
-        N = w.shape[0]
-        y = torch.empty(M, N, dtype=x.dtype)
         threads = torch.get_num_threads()
         for m0 in range(0, M, GEMV_MAX_ROWS):
-            rows = min(GEMV_MAX_ROWS, M - m0)
-            fn(x[m0:].data_ptr(), x.stride(0), w.data_ptr(), y[m0:].data_ptr(), N, rows, N, K, threads)
+            fn(x[m0:].data_ptr(), x.stride(0), w.data_ptr(), y[m0:].data_ptr(), N, min(GEMV_MAX_ROWS, M - m0), N, K,
+               threads)
         return y
 
     linear.ernie_hal_impl = f"cpu-native-gemv ({native.isa})"

@@ -33,8 +33,8 @@ from ...kernels.reference.moe import grouped_experts, moe_route
 from .prefill_gemm import bf16_gemm_is_native
 
 INT4_GROUPS = (256, 128, 64, 32)
-QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: decode batches
-CHUNKED_QGEMV_ROWS = 32            # batches up to this run qgemv 8 rows a pass (prefill: dequantize + GEMM)
+QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: one pass
+CHUNKED_QGEMV_ROWS = 32            # batches up to this run qgemv 8 rows a pass (longer: dequantize + GEMM)
 PREFILL_CHUNK_BYTES = 16 << 20     # dequantized rows per GEMM in prefill: bounded scratch
 NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -99,38 +99,25 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
     def gemm(x):
         x2 = x.reshape(-1, K)
         T = x2.shape[0]
-        if QGEMV_MAX_ROWS < T <= CHUNKED_QGEMV_ROWS and x2.dtype in NATIVE_DTYPES:
-            # a decode batch: a few passes over the packed bytes, not every weight dequantized per step
-            x2 = x2.contiguous()
-            y = torch.empty(T, N, dtype=x2.dtype)
-            for m0 in range(0, T, QGEMV_MAX_ROWS):
-                rows = min(QGEMV_MAX_ROWS, T - m0)
-                if lib.qgemv(bits, x2[m0:].data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
-                             scales.data_ptr(), G, y[m0:].data_ptr(), N, rows, N, K, torch.get_num_threads()):
-                    raise MemoryError("qgemv: no memory for its activation scratch")
-            return y.view(*x.shape[:-1], N)
-        if T > QGEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and widen:
-            # no bf16 arithmetic: the reference's bf16-rounded weights, widened, in an fp32 GEMM
-            x32 = x2.float()
-            y = torch.empty(T, N, dtype=x2.dtype)
-            for n0 in range(0, N, chunk):
-                n1 = min(N, n0 + chunk)
-                y[:, n0:n1] = F.linear(x32, dequantized(x2.dtype, n0, n1).float())
-            return y.view(*x.shape[:-1], N)
-        if T <= QGEMV_MAX_ROWS and x2.dtype in NATIVE_DTYPES:
+        y = torch.empty(T, N, dtype=x2.dtype)
+        if T <= CHUNKED_QGEMV_ROWS and x2.dtype in NATIVE_DTYPES:
+            # decode batches: qgemv 8 rows a pass over the packed bytes (never every weight
+            # dequantized per step)
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
-            y = torch.empty(T, N, dtype=x2.dtype)
-            if lib.qgemv(bits, x2.data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
-                         scales.data_ptr(), G, y.data_ptr(), N, T, N, K, torch.get_num_threads()):
-                raise MemoryError("qgemv: no memory for its activation scratch")
-        elif N <= chunk:
-            y = F.linear(x2, dequantized(x2.dtype, 0, N))
-        else:
-            y = torch.empty(T, N, dtype=x2.dtype)
-            for n0 in range(0, N, chunk):
-                n1 = min(N, n0 + chunk)
-                y[:, n0:n1] = F.linear(x2, dequantized(x2.dtype, n0, n1))
+            for m0 in range(0, T, QGEMV_MAX_ROWS):
+                if lib.qgemv(bits, x2[m0:].data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
+                             scales.data_ptr(), G, y[m0:].data_ptr(), N, min(QGEMV_MAX_ROWS, T - m0), N, K,
+                             torch.get_num_threads()):
+                    raise MemoryError("qgemv: no memory for its activation scratch")
+            return y.view(*x.shape[:-1], N)
+        # prefill: dequantized row chunks through torch's GEMM; without bf16 arithmetic the
+        # reference's bf16-rounded weights widened to fp32 (prefill_gemm.py)
+        wide = widen and x2.dtype == torch.bfloat16
+        xs = x2.float() if wide else x2
+        for n0 in range(0, N, chunk):
+            w = dequantized(x2.dtype, n0, min(N, n0 + chunk))
+            y[:, n0:n0 + chunk] = F.linear(xs, w.float() if wide else w)
         return y.view(*x.shape[:-1], N)
     return gemm
 
