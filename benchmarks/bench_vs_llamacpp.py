@@ -39,8 +39,10 @@ sys.path.insert(0, HERE)
 from peers import llama_cpp as L  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-GGUF_TYPE = {"bf16": "BF16", "fp32": "F32", "wint8": "Q8_0", "wint4": "Q4_0"}
-DTYPE = {"bf16": "bf16", "fp32": "fp32", "wint8": "bf16", "wint4": "bf16"}   # activations
+# "-a8": the same weights decoded on int8 activations (load(..., int8_activations=True)), the dot
+# llama.cpp's Q8_0 / Q4_0 run; the plain wint rows decode exactly
+GGUF_TYPE = {"bf16": "BF16", "fp32": "F32", "wint8": "Q8_0", "wint4": "Q4_0", "wint8-a8": "Q8_0", "wint4-a8": "Q4_0"}
+DTYPE = {"bf16": "bf16", "fp32": "fp32", "wint8": "bf16", "wint4": "bf16", "wint8-a8": "bf16", "wint4-a8": "bf16"}
 
 
 # ---- the ernie-hal side: one fresh process per measurement --------------------------------------
@@ -51,7 +53,9 @@ def ernie_child(args) -> dict:
     torch.set_num_threads(args.threads)
     kwargs = dict(device="cpu", dtype=DTYPE[args.precision])
     if args.precision.startswith("wint"):
-        kwargs["quantization"] = args.precision
+        kwargs["quantization"] = args.precision.split("-")[0]
+        if args.precision.endswith("-a8"):
+            kwargs["int8_activations"] = True
     model = ernie_hal.load(args.model, **kwargs)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -219,7 +223,7 @@ def median(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir; default: random ernie-4.5-0.3b weights (bf16)")
-    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32", "wint8", "wint4"], choices=list(GGUF_TYPE))
+    ap.add_argument("--precisions", nargs="+", default=list(GGUF_TYPE), choices=list(GGUF_TYPE))
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per engine, alternating")
     ap.add_argument("--repetitions", type=int, default=3, help="measurements inside each process (median)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)

@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--clock", choices=["thread", "wall"], default="thread")
     ap.add_argument("--quantization", default=None, help="wint8 | wint4 (quantized at load)")
     ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--int8-activations", action="store_true", help="with --quantization: decode on int8 activations")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     import torch
@@ -95,11 +96,13 @@ def main():
     from ernie_hal.core.atomic import write_json
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
-    quant = {} if args.quantization is None else {"quantization": args.quantization, "group_size": args.group_size}
+    quant = {} if args.quantization is None else {"quantization": args.quantization, "group_size": args.group_size,
+                                                   "int8_activations": args.int8_activations}
     model = ernie_hal.load(args.model, device=args.device, dtype=args.dtype, **quant)
     result = profile(model, args.steps, clock)
     result.update(benchmark="profile_decode", model=args.model, device=args.device, dtype=args.dtype,
                   threads=args.threads, clock=args.clock, kernels=model.kernels, quantization=args.quantization,
+                  int8_activations=args.int8_activations,
                   date=time.strftime("%Y-%m-%d"))
     for r in result["rows"]:
         print(f"{r['what']:32s} {r['ms_per_step']:8.2f} ms/step {r['share']:6.1%}")

@@ -13,7 +13,7 @@ from ...core.plugins.backend import Backend, Capabilities, DeviceInfo, ProbeResu
 CPU_CAPS = Capabilities(
     dtypes=(torch.float32, torch.bfloat16, torch.float16),
     pinned_host_memory=False, async_copy=False, streams=False, graphs=False,
-    warp_size=1, max_shared_memory=0, triton=False, unified_memory=True)
+    warp_size=1, max_shared_memory=0, triton=False, unified_memory=True, int8_activations=True)
 
 
 def cpu_info() -> DeviceInfo:

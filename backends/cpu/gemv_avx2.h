@@ -12,7 +12,9 @@
 #include <immintrin.h>
 
 #define GEMV_CHAINS(M) ((M) == 1 ? 4 : (M) <= 4 ? 2 : 1)   /* 16 ymm registers at M = 8 */
+#ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 512                                  /* bytes ahead of the weight stream */
+#endif
 
 INLINE float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -32,7 +32,8 @@ def ernie_hal_get_kernel(backend, op, spec):
     if spec.get("quantization"):
         # weight-only quantized weights: the native wint8/wint4 GEMV, or torch's weight-pack GEMMs (quant_kernels.py)
         from ...kernels.reference import OPS_QUANT
-        from .quant_kernels import OPS as QUANT
+        from .quant_kernels import OPS, OPS_INT8_ACTIVATIONS
+        QUANT = OPS_INT8_ACTIVATIONS if spec.get("int8_activations") else OPS
         # norms and attention read no quantized weight: the plain model's fast ops serve
         plain = {k: v for k, v in _fast_ops().items() if k.endswith("rms_norm") or k in ("rope_kv_write", "gqa_attention")}
         return QUANT.get(op) or plain.get(op) or OPS_QUANT.get(op)

@@ -6,7 +6,9 @@ Where the native library builds (native.py), every closure reads the packed data
 they are stored, so load copies nothing (one copy per weight; a tied embedding table and LM head
 share it, the lookup reading rows of the same bytes):
   decode (<= QGEMV_MAX_ROWS rows)  qgemv.c: the integers decoded exactly in registers, fp32
-                                   accumulation (bf16/fp32 activations; others take the prefill path)
+                                   accumulation (bf16/fp32 activations; others take the prefill path);
+                                   with int8 activations (OPS_INT8_ACTIVATIONS) qgemv_a8.c: integer
+                                   multiply-adds on activations quantized per block of 32
   prefill                          a chunk of rows dequantized by qgemv.c to exactly the values the
                                    reference computes (q * s, cast as torch casts), then torch's GEMM
                                    (bf16 widened to fp32 where the CPU has no bf16 arithmetic)
@@ -80,11 +82,14 @@ def _gemm_int4(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
     return gemm
 
 
-def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
-    """The packed weight as stored: qgemv for decode rows, dequantized chunks + GEMM for prefill."""
+def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_activations: bool = False):
+    """The packed weight as stored: qgemv (or qgemv_a8) for decode rows, dequantized chunks + GEMM
+    for prefill. int8_activations where qgemv_a8 takes the shape (whole blocks of 32 columns, 64
+    for wint4), else the exact qgemv."""
     data, scales = data.contiguous(), scales.contiguous()      # views of the loaded tensors
     N, G = scales.shape
     K = data.shape[1] * (2 if bits == 4 else 1)
+    decode = lib.qgemv_a8 if int8_activations and lib.qgemv_a8_supported(bits, K, G) else lib.qgemv
     chunk = max(16, PREFILL_CHUNK_BYTES // (4 * K))
     widen = not bf16_gemm_is_native()
 
@@ -106,7 +111,7 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int):
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
             for m0 in range(0, T, QGEMV_MAX_ROWS):
-                if lib.qgemv(bits, x2[m0:].data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
+                if decode(bits, x2[m0:].data_ptr(), x2.dtype == torch.bfloat16, x2.stride(0), data.data_ptr(),
                              scales.data_ptr(), G, y[m0:].data_ptr(), N, min(QGEMV_MAX_ROWS, T - m0), N, K,
                              torch.get_num_threads()):
                     raise MemoryError("qgemv: no memory for its activation scratch")
@@ -155,15 +160,16 @@ def _library():
     return load()[0]
 
 
-def prepare_weight(w, role: str | None = None, staged: bool = False):
+def prepare_weight(w, role: str | None = None, staged: bool = False, int8_activations: bool = False):
     """PackedWeight -> the same with `native` GEMM closure(s) (one per expert of a stack).
     Native: the closures read w.data/w.scales, nothing is copied. Torch's ops: the int4 nibbles
     (and grouped int8) are dropped for the copy they use, unless the table is also an embedding.
     staged=True (a view of a staging buffer, core/memory/offload.py): closures that read its data
-    and scales in place at call time, which the native ones already do."""
+    and scales in place at call time, which the native ones already do. int8_activations: decode
+    through qgemv_a8 (the native library only; torch's ops stay exact)."""
     lib = _library()
     if lib is not None:
-        make = lambda d, s: _gemm_native(lib, d, s, w.bits)  # noqa: E731
+        make = lambda d, s: _gemm_native(lib, d, s, w.bits, int8_activations)  # noqa: E731
     elif staged:
         make = lambda d, s: _staged_torch(d, s, w.bits, w.dtype)  # noqa: E731
         return w.with_native(make(w.data, w.scales) if w.data.dim() == 2 else
@@ -236,5 +242,13 @@ def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, nor
     return out
 
 
+def prepare_weight_int8_activations(w, role: str | None = None, staged: bool = False):
+    return prepare_weight(w, role, staged, int8_activations=True)
+
+
+prepare_weight_int8_activations.reads_fused_parts = True
+
 OPS = {"linear": linear, "swiglu_mlp": swiglu_mlp, "moe_experts": moe_experts, "moe": moe,
        "prepare_weight": prepare_weight, "embedding": ref.embedding}
+# the same kernels, bound to decode on int8 activations (load(..., int8_activations=True))
+OPS_INT8_ACTIVATIONS = {**OPS, "prepare_weight": prepare_weight_int8_activations}

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     import torch
     from ..model.checkpoint_reader import Checkpoint
     from ..plugins.registry import get_registry
-    from ..quant import resolve
+    from ..quant import resolve, with_int8_activations
     from .budgets import RankBudgets
     from .group import join_local
     from .model import build_rank
@@ -27,7 +27,8 @@ def main(argv=None) -> int:
         group = join_local(args, backend.device)
         model = build_rank(Checkpoint.open(args["path"]), backend, getattr(torch, args["dtype"]), group,
                            args["expert_parallel"], allow_fallback=args["allow_fallback"], rss_before=rss_before,
-                           quant=resolve(args.get("quantization"), args.get("group_size")),
+                           quant=with_int8_activations(resolve(args.get("quantization"), args.get("group_size")),
+                                                       bool(args.get("int8_activations"))),
                            budgets=RankBudgets(**args["budgets"]) if args.get("budgets") else None)
         model.follow()
     except KeyboardInterrupt:

@@ -47,6 +47,7 @@ class Capabilities:
     triton: bool = False          # Triton kernels can be launched on this device
     unified_memory: bool = False  # device memory is host memory (cpu, APUs): one budget covers both
     collectives: str = "gloo"     # the torch.distributed backend for this device's tensors ("nccl", ...)
+    int8_activations: bool = False  # quantized linears can run on int8-quantized activations
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class OpSpec:
                      num_experts=config.moe_num_experts, top_k=config.moe_k)
         if quant is not None:
             facts.update(quantization=quant.scheme, group_size=quant.group_size)
+            if quant.int8_activations:
+                facts.update(int8_activations=True)
         return cls(dtype=dtype, facts=tuple(sorted(facts.items())), allow_fallback=allow_fallback)
 
 

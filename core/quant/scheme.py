@@ -7,7 +7,7 @@ group of `group_size` consecutive input columns (-1: the whole row), s = max|w| 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 QMAX = {"wint8": 127, "wint4": 7}
 BITS = {"wint8": 8, "wint4": 4}
@@ -26,6 +26,9 @@ class QuantError(ValueError):
 class QuantSpec:
     scheme: str          # "wint8" | "wint4"
     group_size: int      # -1: per output channel; else a power of two >= 32 dividing `in`
+    # a kernel choice, not a storage one: decode multiplies int8-quantized activations (blocks of
+    # 32, kernels/reference/int8_activations.py) where the backend has the kernels
+    int8_activations: bool = False
 
     @property
     def bits(self) -> int:
@@ -38,7 +41,7 @@ class QuantSpec:
     @property
     def label(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.scheme} {g}"
+        return f"{self.scheme} {g}" + (", int8 activations" if self.int8_activations else "")
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -88,6 +91,16 @@ def resolve(quantization: str | None, group_size: int | None = None) -> QuantSpe
         raise QuantError(f"group size {group_size!r} is not valid; use -1 (per channel) or a power of two "
                          f"from 32 up (32, 64, 128, ...)")
     return QuantSpec(q, g)
+
+
+def with_int8_activations(quant: QuantSpec | None, enabled: bool) -> QuantSpec | None:
+    """`quant` with int8 activations turned on when asked; QuantError without quantized weights."""
+    if not enabled:
+        return quant
+    if quant is None:
+        raise QuantError("int8 activations (--int8-activations) apply to quantized weights only; add "
+                         "--quantization wint8 or wint4, or load a checkpoint from `ernie-hal quantize`")
+    return replace(quant, int8_activations=True)
 
 
 def from_config(qc: dict, where: str) -> QuantSpec:

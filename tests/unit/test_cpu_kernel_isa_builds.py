@@ -31,5 +31,7 @@ def test_kernel_sources_compile_for_each_isa(tmp_path, flags, isa, cpu_needs):
     if not set(cpu_needs) <= have:
         return                                     # built; this CPU cannot run it
     lib = ctypes.CDLL(str(out))
-    lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = ctypes.c_int
+    lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = lib.ernie_qgemv_a8_isa.restype = ctypes.c_int
     assert native.ISA_NAMES[lib.ernie_gemv_isa()] == isa and native.ISA_NAMES[lib.ernie_qgemv_isa()] == isa
+    # the int8-activation kernel has AVX2 loops only: every AVX2 or AVX-512 build runs them
+    assert native.ISA_NAMES[lib.ernie_qgemv_a8_isa()] == ("portable C" if isa == "portable C" else "AVX2")

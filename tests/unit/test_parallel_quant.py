@@ -96,3 +96,23 @@ def test_a_group_across_two_ranks_is_refused_before_processes_start(checkpoints)
                                           r"over tensor_parallel_size 4 is 64 columns per rank, not a multiple of "
                                           r"group size 128"):
         ernie_hal.load(checkpoints["dense"], device="cpu", tensor_parallel_size=4, quantization="wint4")
+
+
+@pytest.mark.timeout(240)
+def test_int8_activations_reach_every_rank(checkpoints):
+    """--int8-activations under --tp: every rank binds the int8-activation decode kernels (row
+    slices of o/down start on 32-column block boundaries, so the blocks are the one-process ones);
+    one-row logits match one process with the option to fp32 summation order, greedy ids equal."""
+    q = dict(quantization="wint4", group_size=128, int8_activations=True)
+    one = ernie_hal.load(checkpoints["dense"], device="cpu", dtype="fp32", **q)
+    want_row, want_ids = one.logits([7]), [c.token_ids for c in one.generate(PROMPTS, max_new_tokens=6,
+                                                                            temperature=0, ignore_eos=True)]
+    m = ernie_hal.load(checkpoints["dense"], device="cpu", dtype="fp32", tensor_parallel_size=2, **q)
+    try:
+        assert "int8 activations" in m.parallel["quantization"]
+        row = m.logits([7])
+        assert ((row - want_row).abs().max() / want_row.abs().max()).item() < 1e-5
+        assert [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=6, temperature=0, ignore_eos=True)] == want_ids
+    finally:
+        m.close()
+    assert all(p.poll() == 0 for p in m.group.procs.values())
