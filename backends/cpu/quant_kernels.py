@@ -242,6 +242,27 @@ def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, nor
     return out
 
 
+NATIVE_EMBEDDING_ROWS = 64        # lookups of up to this many ids dequantize natively, row by row
+
+
+def embedding(ids: torch.Tensor, w) -> torch.Tensor:
+    """The reference lookup's values (q * s in fp32, cast to w.dtype); a decode step's few ids are
+    dequantized by qgemv.c straight from the packed table, not through torch's gather + unpack."""
+    lib = _library()
+    if lib is None or ids.numel() > NATIVE_EMBEDDING_ROWS or w.dtype not in NATIVE_DTYPES or w.data.dim() != 2:
+        return ref.embedding(ids, w)
+    data, scales = w.data, w.scales
+    G = scales.shape[-1]
+    K = data.shape[1] * (2 if w.bits == 4 else 1)
+    out = torch.empty(ids.numel(), K, dtype=w.dtype)
+    step = K * out.element_size()
+    for r, i in enumerate(ids.tolist()):
+        # qdequant writes rows [i, i + 1) of the table to `out` (row 0 of its target)
+        lib.qdequant(w.bits, data.data_ptr(), scales.data_ptr(), G, out.data_ptr() + r * step,
+                     w.dtype == torch.bfloat16, i, i + 1, K, 1)
+    return out.view(*ids.shape, K)
+
+
 def prepare_weight_int8_activations(w, role: str | None = None, staged: bool = False):
     return prepare_weight(w, role, staged, int8_activations=True)
 
@@ -249,6 +270,6 @@ def prepare_weight_int8_activations(w, role: str | None = None, staged: bool = F
 prepare_weight_int8_activations.reads_fused_parts = True
 
 OPS = {"linear": linear, "swiglu_mlp": swiglu_mlp, "moe_experts": moe_experts, "moe": moe,
-       "prepare_weight": prepare_weight, "embedding": ref.embedding}
+       "prepare_weight": prepare_weight, "embedding": embedding}
 # the same kernels, bound to decode on int8 activations (load(..., int8_activations=True))
 OPS_INT8_ACTIVATIONS = {**OPS, "prepare_weight": prepare_weight_int8_activations}

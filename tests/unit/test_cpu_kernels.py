@@ -86,15 +86,18 @@ def test_native_linear_takes_strided_rows_and_falls_back_for_prefill():
 
 
 @needs_native
-def test_fused_rows_give_the_unfused_projections_exactly():
+@pytest.mark.parametrize("rows,K", [((32, 8, 8), 48), ((31, 9, 7), 100)])   # odd parts: a row pair spans two
+def test_fused_rows_give_the_unfused_projections_exactly(rows, K):
+    """Each output is one row's dot product whether it runs alone or beside its neighbour (batch 1
+    takes rows in pairs), so fused and unfused weights agree bit for bit."""
     linear = cpu_kernels.make_linear(NATIVE)
-    parts = [torch.randn(r, 48, dtype=torch.bfloat16) for r in (32, 8, 8)]
+    parts = [torch.randn(r, K, dtype=torch.bfloat16) for r in rows]
     buf, views = fused_rows([p.shape for p in parts], torch.bfloat16, ALLOC,
                             lambda i, out: out.copy_(parts[i]))
-    assert buf.shape == (48, 48) and all(v.data_ptr() >= buf.data_ptr() for v in views)
+    assert buf.shape == (sum(rows), K) and all(v.data_ptr() >= buf.data_ptr() for v in views)
     assert all(torch.equal(v, p) for v, p in zip(views, parts))
-    x = torch.randn(1, 48, dtype=torch.bfloat16)
-    fused = linear(x, buf).split((32, 8, 8), dim=-1)
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    fused = linear(x, buf).split(rows, dim=-1)
     for got, p in zip(fused, parts):
         assert torch.equal(got, linear(x, p))        # one row's dot product either way
 

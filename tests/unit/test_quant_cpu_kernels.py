@@ -90,6 +90,18 @@ def test_quantized_model_on_cpu_kernels_equals_dequantized_fp32_model(tmp_path_f
     assert _rel(fast.logits(ids), oracle.logits(ids)) < 1e-4
 
 
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint4", 64), ("wint4", 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_embedding_rows_equal_the_reference_lookup(scheme, group, dtype):
+    """A decode step's ids dequantized natively (qgemv.c, row by row) give the reference's rows bit
+    for bit; a prefill-sized lookup takes the reference path."""
+    pw = quantize(torch.randn(300, 256), resolve(scheme, group), dtype)
+    table = cpu.prepare_weight(pw, "embed")
+    for ids in (torch.tensor([7]), torch.tensor([0, 299, 7, 7]), torch.arange(cpu.NATIVE_EMBEDDING_ROWS + 5)):
+        got = cpu.OPS["embedding"](ids, table)
+        assert got.dtype == dtype and torch.equal(got, ref.embedding(ids, pw))
+
+
 # ---- the native kernels (qgemv.c) -----------------------------------------------------------------
 from ernie_hal.backends.cpu import native  # noqa: E402
 
