@@ -93,12 +93,14 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_
     chunk = max(16, PREFILL_CHUNK_BYTES // (4 * K))
     widen = not bf16_gemm_is_native()
 
-    def dequantized(x_dtype, n0, n1):
+    def dequantized(x_dtype, n0, n1, wide=False):
+        """Rows [n0, n1) as the reference casts them to x_dtype; wide: those bf16 values in fp32."""
         if x_dtype not in NATIVE_DTYPES:   # fp16: the reference's values, cast as it casts
             return ref.dequantize(data[n0:n1], scales[n0:n1], bits).to(x_dtype)
-        w = torch.empty(n1 - n0, K, dtype=x_dtype)
-        lib.qdequant(bits, data.data_ptr(), scales.data_ptr(), G, w.data_ptr(), x_dtype == torch.bfloat16,
-                     n0, n1, K, torch.get_num_threads())
+        w = torch.empty(n1 - n0, K, dtype=torch.float32 if wide else x_dtype)
+        mode = 2 if wide else int(x_dtype == torch.bfloat16)
+        lib.qdequant(bits, data.data_ptr(), scales.data_ptr(), G, w.data_ptr(), mode, n0, n1, K,
+                     torch.get_num_threads())
         return w
 
     def gemm(x):
@@ -121,8 +123,7 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_
         wide = widen and x2.dtype == torch.bfloat16
         xs = x2.float() if wide else x2
         for n0 in range(0, N, chunk):
-            w = dequantized(x2.dtype, n0, min(N, n0 + chunk))
-            y[:, n0:n0 + chunk] = F.linear(xs, w.float() if wide else w)
+            y[:, n0:n0 + chunk] = F.linear(xs, dequantized(x2.dtype, n0, min(N, n0 + chunk), wide))
         return y.view(*x.shape[:-1], N)
     return gemm
 
