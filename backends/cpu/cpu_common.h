@@ -37,6 +37,21 @@ static inline void *scratch(size_t bytes) {
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* element i of activations stored as bf16 or fp32 */
+static inline float x_at(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* the sum of a vector's 8 lanes (the AVX2 kernels' row totals) */
+INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 /* a row kernel specialized on the activation row count M (1..8): the compiler keeps every
  * accumulator in registers */
 #define SPECIALIZE(name, ...)                                                                      \

@@ -16,12 +16,6 @@
 #define GEMV_PREFETCH 512                                  /* bytes ahead of the weight stream */
 #endif
 
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* x [M, K] bf16 -> [M, Kp] fp32 (Kp = K rounded up to 16, plus 16; zero padded), each 16 columns as
  * x[0], x[2], .., x[14], x[1], x[3], .., x[15]: the order bf16_pair yields the weights in. */
 static int64_t prepare_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, float **out) {

@@ -34,10 +34,6 @@
 #define PREFETCH 1024   /* bytes ahead of the weight stream: the hardware prefetcher alone lags */
 #endif
 
-static inline float x_at(const void *x, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-}
-
 static inline void store_y(void *y, int bf16, int64_t i, float v) {
     if (bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
     else ((float *)y)[i] = v;
@@ -305,10 +301,10 @@ int ernie_qgemv(int bits, const void *x, int bf16, int64_t ldx, const uint8_t *w
 }
 
 /* Rows [n0, n1) of the weight as q * s into out [n1 - n0, K]: the values kernels/reference/dequant.py
- * computes, for a prefill GEMM. bf16 = 0: fp32; 1: bf16 rounded to nearest even; 2: those bf16
+ * computes, for a prefill GEMM. form 0: fp32; 1: bf16 rounded to nearest even; 2: those bf16
  * values widened back to fp32 in one pass (the fp32 GEMM of a bf16 model on a CPU without bf16
  * arithmetic, prefill_gemm.py). */
-void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void *out, int bf16,
+void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void *out, int form,
                     int64_t n0, int64_t n1, int64_t K, int threads) {
     int64_t gs = K / G, rowbytes = bits == 8 ? K : K / 2;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -322,7 +318,7 @@ void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void 
         for (int64_t k0 = 0; k0 < K; k0 += step) {
             int64_t len = K - k0 < step ? K - k0 : step;
             float sc = sn[k0 / gs];
-            float *dst = bf16 == 1 ? tmp : of + k0;
+            float *dst = form == 1 ? tmp : of + k0;
             if (bits == 8) {
                 const int8_t *q = (const int8_t *)wn + k0;
                 for (int64_t k = 0; k < len; k++) dst[k] = (float)q[k] * sc;
@@ -333,9 +329,9 @@ void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void 
                     dst[2 * j + 1] = (float)((int)(q[j] >> 4) - 8) * sc;
                 }
             }
-            if (bf16 == 1)
+            if (form == 1)
                 for (int64_t k = 0; k < len; k++) ob[k0 + k] = f32_to_bf16(tmp[k]);
-            else if (bf16 == 2)
+            else if (form == 2)
                 for (int64_t k = 0; k < len; k++) dst[k] = bf16_to_f32(f32_to_bf16(dst[k]));
         }
     }

@@ -51,10 +51,6 @@ typedef struct {
     int64_t xstride, dstride, G;
 } A8Rows;
 
-static float x_value(const void *x, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
-}
-
 /* The quantization kernels/reference/int8_activations.py does: fp32 division, multiply, round
  * half to even (nearbyintf in the default rounding mode). */
 static int prepare_a8(int bits, const void *x, int bf16, int64_t ldx, int64_t M, int64_t K, int64_t G, A8Rows *r) {
@@ -76,7 +72,7 @@ static int prepare_a8(int bits, const void *x, int bf16, int64_t ldx, int64_t M,
         for (int64_t b = 0; b < nb; b++) {
             float v[32], amax = 0.0f;
             for (int i = 0; i < 32; i++) {
-                v[i] = x_value(xm, bf16, 32 * b + i);
+                v[i] = x_at(xm, bf16, 32 * b + i);
                 float a = v[i] < 0 ? -v[i] : v[i];
                 amax = a > amax ? a : amax;
             }
@@ -106,12 +102,6 @@ static int prepare_a8(int bits, const void *x, int bf16, int64_t ldx, int64_t M,
 }
 
 #if defined(HAVE_A8_AVX2)
-INLINE float a8_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* Two accumulators per row where few rows share a weight load, to hide the FMA latency. Their
  * index must be a compile-time constant (STEP's c): a runtime one would keep them in memory. */
 #define A8_CHAINS(M) ((M) <= 2 ? 2 : 1)
@@ -148,7 +138,7 @@ INLINE void w8a8_row_avx2(const int8_t *w, const float *s, int64_t gs, int64_t G
         __m256 sg = _mm256_set1_ps(s[g]);
         for (int m = 0; m < M; m++) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc[m][0], acc[m][1]), sg, tot[m]);
     }
-    for (int m = 0; m < M; m++) out[m] = a8_hsum(tot[m]);
+    for (int m = 0; m < M; m++) out[m] = hsum256(tot[m]);
 }
 
 INLINE void w4a8_row_avx2(const uint8_t *w, const float *s, int64_t K, int64_t gs, int64_t G,
@@ -191,7 +181,7 @@ INLINE void w4a8_row_avx2(const uint8_t *w, const float *s, int64_t K, int64_t g
         const float *cm = r->corr + m * G;
         float c = 0.0f;
         for (int64_t g = 0; g < G; g++) c += s[g] * cm[g];
-        out[m] = a8_hsum(tot[m]) - c;
+        out[m] = hsum256(tot[m]) - c;
     }
 }
 #endif

@@ -13,12 +13,6 @@
 
 #define QCHAINS(M) ((M) == 1 ? 4 : (M) <= 4 ? 2 : 1)   /* 16 ymm registers at M = 8 */
 
-INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 INLINE __m256 int8x8_ps(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }

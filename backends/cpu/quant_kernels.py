@@ -26,6 +26,8 @@ Measured against each other on the 0.3B shapes: benchmarks/bench_quant_cpu.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -246,28 +248,31 @@ def moe(x, router_weight, correction_bias, w_gate, w_up, w_down, top_k: int, nor
 NATIVE_EMBEDDING_ROWS = 64        # lookups of up to this many ids dequantize natively, row by row
 
 
-def embedding(ids: torch.Tensor, w) -> torch.Tensor:
-    """The reference lookup's values (q * s in fp32, cast to w.dtype); a decode step's few ids are
-    dequantized by qgemv.c straight from the packed table, not through torch's gather + unpack."""
-    lib = _library()
-    if lib is None or ids.numel() > NATIVE_EMBEDDING_ROWS or w.dtype not in NATIVE_DTYPES or w.data.dim() != 2:
-        return ref.embedding(ids, w)
-    data, scales = w.data, w.scales
-    G = scales.shape[-1]
-    K = data.shape[1] * (2 if w.bits == 4 else 1)
-    out = torch.empty(ids.numel(), K, dtype=w.dtype)
-    step = K * out.element_size()
-    for r, i in enumerate(ids.tolist()):
-        # qdequant writes rows [i, i + 1) of the table to `out` (row 0 of its target)
-        lib.qdequant(w.bits, data.data_ptr(), scales.data_ptr(), G, out.data_ptr() + r * step,
-                     w.dtype == torch.bfloat16, i, i + 1, K, 1)
-    return out.view(*ids.shape, K)
+def _make_embedding(lib):
+    """The reference lookup's values (q * s in fp32, cast to w.dtype); with the native library a
+    decode step's few ids are dequantized by qgemv.c straight from the packed table, not through
+    torch's gather + unpack."""
+    if lib is None:
+        return ref.embedding
+
+    def embedding(ids: torch.Tensor, w) -> torch.Tensor:
+        if ids.numel() > NATIVE_EMBEDDING_ROWS or w.dtype not in NATIVE_DTYPES or w.data.dim() != 2:
+            return ref.embedding(ids, w)
+        data, scales = w.data, w.scales
+        G = scales.shape[-1]
+        K = data.shape[1] * (2 if w.bits == 4 else 1)
+        out = torch.empty(ids.numel(), K, dtype=w.dtype)
+        step = K * out.element_size()
+        for r, i in enumerate(ids.tolist()):
+            # rows [i, i + 1) of the table into row r of `out`
+            lib.qdequant(w.bits, data.data_ptr(), scales.data_ptr(), G, out.data_ptr() + r * step,
+                         int(w.dtype == torch.bfloat16), i, i + 1, K, 1)
+        return out.view(*ids.shape, K)
+    return embedding
 
 
-def prepare_weight_int8_activations(w, role: str | None = None, staged: bool = False):
-    return prepare_weight(w, role, staged, int8_activations=True)
-
-
+embedding = _make_embedding(_library())   # bound once, when the quantized CPU table is first asked for
+prepare_weight_int8_activations = functools.partial(prepare_weight, int8_activations=True)
 prepare_weight_int8_activations.reads_fused_parts = True
 
 OPS = {"linear": linear, "swiglu_mlp": swiglu_mlp, "moe_experts": moe_experts, "moe": moe,
