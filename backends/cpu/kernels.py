@@ -2,9 +2,9 @@
 gate/up SwiGLU, and routed experts grouped per active expert. Each has the reference op's
 signature and is checked against kernels/reference in tests/unit/test_cpu_kernels.py.
 
-Prefill-sized projections (more than GEMV_MAX_ROWS rows) go to torch's F.linear, which runs
-oneDNN/MKL GEMMs there (bf16 in fp32 where the CPU has no bf16 arithmetic: prefill_gemm.py); so
-do dtypes or layouts the native GEMV does not take.
+Prefill-sized projections (more than GEMV_MAX_ROWS rows) go to gemm.c where AVX2 is the widest
+vector unit, else to torch's F.linear (bf16 in fp32 where the CPU has no bf16 arithmetic:
+prefill_gemm.py); so do dtypes or layouts the native kernels do not take.
 """
 
 from __future__ import annotations
@@ -16,27 +16,36 @@ from ...kernels.reference.moe import grouped_experts, moe_route
 from ...kernels.reference.norm import add_rms_norm as ref_add_rms_norm
 from ...kernels.reference.norm import rms_norm as ref_rms_norm
 from .attention_kernels import make_gqa_attention, make_rope_kv_write
-from .prefill_gemm import bf16_gemm_is_native, linear_fp32
+from .prefill_gemm import bf16_gemm_is_native, linear_fp32, native_gemm, native_gemm_wins
 
 GEMV_MAX_ROWS = 8     # up to this many rows the native GEMV beats torch's GEMM here (decode batches)
 CHUNKED_GEMV_ROWS = 32  # without bf16 arithmetic, bf16 batches up to this run the GEMV 8 rows a pass
 NORM_MAX_ROWS = 64    # the native norm is one thread; longer prefills take torch's threaded ops
+# from these rows on gemm.c beats the GEMV in passes (bf16: x1.12 at 12 rows, x0.93 at 9) and torch's
+# fp32 GEMM (x1.9-2.2 at 9-32 rows) over the 0.3B projections here; below, the GEMV reads each weight once
+OWN_GEMM_MIN_ROWS = {torch.bfloat16: 12, torch.float32: GEMV_MAX_ROWS + 1}
 
 
-def make_linear(native, widen_bf16: bool | None = None):
+def make_linear(native, widen_bf16: bool | None = None, own_gemm: bool | None = None):
     """linear(x [T, in], w [out, in]) -> [T, out] in x.dtype, the native GEMV for small T (8 rows
-    a pass). widen_bf16 (default: where the CPU has no bf16 arithmetic): bf16 batches up to
-    CHUNKED_GEMV_ROWS take the GEMV in passes, longer ones an fp32 GEMM (prefill_gemm.py), since
-    torch's bf16 GEMM is slow there."""
+    a pass). Where gemm.c beats torch's GEMM (own_gemm; default: native_gemm_wins), batches from
+    OWN_GEMM_MIN_ROWS take it. Elsewhere, widen_bf16 (default: where the CPU has no bf16
+    arithmetic): bf16 batches up to CHUNKED_GEMV_ROWS take the GEMV in passes and longer ones an
+    fp32 GEMM (prefill_gemm.py), since torch's bf16 GEMM is slow there."""
     entry = {torch.bfloat16: native.bf16, torch.float32: native.f32}
     if widen_bf16 is None:
         widen_bf16 = not bf16_gemm_is_native()
     max_rows = {torch.bfloat16: CHUNKED_GEMV_ROWS if widen_bf16 else GEMV_MAX_ROWS, torch.float32: GEMV_MAX_ROWS}
+    if own_gemm is None:
+        own_gemm = native_gemm_wins(native)
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         fn = entry.get(x.dtype)
-        if (fn is None or x.dim() != 2 or x.shape[0] > max_rows[x.dtype] or w.dtype != x.dtype
-                or x.stride(1) != 1 or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x.shape[1]):
+        native_shape = (fn is not None and x.dim() == 2 and w.dtype == x.dtype and x.stride(1) == 1
+                        and w.dim() == 2 and w.is_contiguous() and w.shape[1] == x.shape[1])
+        if native_shape and own_gemm and x.shape[0] >= OWN_GEMM_MIN_ROWS[x.dtype]:
+            return native_gemm(native, x, w, w.shape[0])
+        if not native_shape or x.shape[0] > max_rows[x.dtype]:
             if widen_bf16 and x.dtype == w.dtype == torch.bfloat16 and w.dim() == 2:
                 return linear_fp32(x, w)
             return F.linear(x, w)
@@ -49,7 +58,7 @@ def make_linear(native, widen_bf16: bool | None = None):
                threads)
         return y
 
-    linear.ernie_hal_impl = f"cpu-native-gemv ({native.isa})"
+    linear.ernie_hal_impl = f"cpu-native-gemv ({native.isa})" + (", gemm.c prefill" if own_gemm else "")
     return linear
 
 

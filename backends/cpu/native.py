@@ -1,5 +1,6 @@
-"""The CPU decode kernels (gemv.c: bf16/fp32 GEMV; qgemv.c: wint8/wint4; qgemv_a8.c: the same on int8
-activations; norm.c; attention.c), built once with the system C compiler and loaded with ctypes.
+"""The CPU kernels (gemv.c: bf16/fp32 GEMV; qgemv.c: wint8/wint4; qgemv_a8.c: the same on int8
+activations; gemm.c: the prefill GEMM for every weight kind; norm.c; attention.c), built once with
+the system C compiler and loaded with ctypes.
 
 Built on first use into the ernie-hal cache (keyed by the source, compiler and CPU flags, so an
 upgrade or another machine rebuilds), then reused: a load costs a dlopen. Where no compiler
@@ -24,7 +25,7 @@ import tempfile
 import torch  # noqa: F401 - loads torch's libgomp before the kernel library asks for it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "qgemv_a8.c", "norm.c", "attention.c"))
+SOURCES = tuple(os.path.join(HERE, f) for f in ("gemv.c", "qgemv.c", "qgemv_a8.c", "gemm.c", "norm.c", "attention.c"))
 HEADERS = tuple(os.path.join(HERE, f) for f in ("cpu_common.h", "gemv_avx2.h", "qgemv_avx2.h"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 NATIVE_ISA = ("-march=native",)   # dropped by ERNIE_HAL_CPU_NATIVE=portable: the plain C loops (tests)
@@ -33,8 +34,9 @@ ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512", 3: "AVX-512 BF16"}   # er
 
 class NativeGemv:
     """The loaded library: `bf16` and `f32` GEMVs, the quantized `qgemv` and `qdequant`
-    (qgemv.c), `qgemv_a8` on int8 activations (qgemv_a8.c), the decode `add_rms_norm` (norm.c), `rope_kv_write` and `decode_attention`
-    (attention.c), and which inner loops each has."""
+    (qgemv.c), `qgemv_a8` on int8 activations (qgemv_a8.c), the prefill `gemm` (gemm.c), the
+    decode `add_rms_norm` (norm.c), `rope_kv_write` and `decode_attention` (attention.c), and
+    which inner loops each has."""
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -53,6 +55,9 @@ class NativeGemv:
         self.qgemv_a8.argtypes, self.qgemv_a8.restype = self.qgemv.argtypes, i32
         self.qgemv_a8_supported = lib.ernie_qgemv_a8_supported
         self.qgemv_a8_supported.argtypes, self.qgemv_a8_supported.restype = [i32, i64, i64], i32
+        self.gemm = lib.ernie_gemm
+        self.gemm.argtypes = [i32, vp, i32, i64, vp, vp, i64, i32, vp, i32, i64, i64, i64, i64, i32]
+        self.gemm.restype = i32
         self.add_rms_norm = lib.ernie_add_rms_norm
         self.add_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, i32]
         self.add_rms_norm.restype = None
@@ -64,10 +69,12 @@ class NativeGemv:
         self.decode_attention.argtypes = [vp, i64, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, i64,
                                           ctypes.c_float, i32, i32]
         self.decode_attention.restype = i32
-        lib.ernie_gemv_isa.restype = lib.ernie_qgemv_isa.restype = lib.ernie_qgemv_a8_isa.restype = ctypes.c_int
+        for isa in (lib.ernie_gemv_isa, lib.ernie_qgemv_isa, lib.ernie_qgemv_a8_isa, lib.ernie_gemm_isa):
+            isa.restype = ctypes.c_int
         self.isa = ISA_NAMES.get(lib.ernie_gemv_isa(), "?")
         self.qisa = ISA_NAMES.get(lib.ernie_qgemv_isa(), "?")
         self.a8isa = ISA_NAMES.get(lib.ernie_qgemv_a8_isa(), "?")
+        self.gemm_isa = ISA_NAMES.get(lib.ernie_gemm_isa(), "?")
 
 
 def _cache_root() -> str:
@@ -135,4 +142,4 @@ def load() -> tuple:
 if __name__ == "__main__":   # python -m ernie_hal.backends.cpu.native: build now and say what was built
     lib, why = load()
     print(f"native CPU GEMV: {lib.path} (bf16/fp32: {lib.isa}; wint8/wint4: {lib.qisa}; "
-          f"int8 activations: {lib.a8isa})" if lib else f"native CPU GEMV unavailable: {why}")
+          f"int8 activations: {lib.a8isa}; prefill GEMM: {lib.gemm_isa})" if lib else f"native CPU GEMV unavailable: {why}")

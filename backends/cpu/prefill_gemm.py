@@ -1,4 +1,8 @@
-"""Prefill-sized bf16 GEMMs on CPUs without bf16 arithmetic.
+"""Prefill-sized GEMMs on CPUs without bf16 arithmetic.
+
+Where AVX2 is the widest vector unit, prefill runs the project's own GEMM (gemm.c): it widens bf16
+and dequantizes wint8/wint4 weights tile by tile in L1 and ran 1.1-2x torch's fp32 GEMM (MKL) on
+the 0.3B projections here, bf16 widening included. Elsewhere (AVX-512 builds, no compiler):
 
 torch's bf16 GEMM is fast where the CPU multiplies bf16 (AVX512-BF16, AMX-BF16: oneDNN) and slow
 where it does not: on an AVX2-only Zen3 here, 0.3B prefill ran 27 tok/s in bf16 against 112-143
@@ -31,6 +35,31 @@ def bf16_gemm_is_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return True
     flags = line.split(":", 1)[1].split()
     return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+W_KIND = {torch.float32: 0, torch.bfloat16: 1}     # gemm.c's weight kinds; wint4 is 4, wint8 8
+
+
+def native_gemm_wins(native) -> bool:
+    """Does gemm.c beat torch's GEMM here? Measured where AVX2 is the widest vector unit; with
+    AVX-512 torch's GEMMs (16 lanes, or bf16 arithmetic) keep prefill."""
+    return native is not None and native.gemm_isa == "AVX2" and native.isa == "AVX2"
+
+
+def native_gemm(native, x: torch.Tensor, w: torch.Tensor, N: int, kind: int | None = None,
+                scales: torch.Tensor | None = None, round_bf16: bool = False) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32, unit column stride) times the N weight rows w holds (w [N, K] fp32 or
+    bf16, or packed wint8/wint4 bytes with scales [N, G]) -> [M, N] in x.dtype, through gemm.c.
+    round_bf16: dequantized weights rounded to bf16 first, as the reference casts them."""
+    M, K = x.shape
+    y = torch.empty(M, N, dtype=x.dtype)
+    kind = W_KIND[w.dtype] if kind is None else kind
+    G = 0 if scales is None else scales.shape[-1]
+    if native.gemm(kind, x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), w.data_ptr(),
+                   None if scales is None else scales.data_ptr(), G, round_bf16, y.data_ptr(),
+                   y.dtype == torch.bfloat16, N, M, N, K, torch.get_num_threads()):
+        raise MemoryError(f"gemm: no memory to pack {M} x {K} activations")
+    return y
 
 
 def widened_rows(w: torch.Tensor) -> int:

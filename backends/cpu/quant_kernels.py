@@ -9,9 +9,11 @@ share it, the lookup reading rows of the same bytes):
                                    accumulation (bf16/fp32 activations; others take the prefill path);
                                    with int8 activations (OPS_INT8_ACTIVATIONS) qgemv_a8.c: integer
                                    multiply-adds on activations quantized per block of 32
-  prefill                          a chunk of rows dequantized by qgemv.c to exactly the values the
-                                   reference computes (q * s, cast as torch casts), then torch's GEMM
-                                   (bf16 widened to fp32 where the CPU has no bf16 arithmetic)
+  prefill                          gemm.c where AVX2 is the widest vector unit: tiles of rows
+                                   dequantized in L1 to exactly the values the reference computes
+                                   (q * s, cast as torch casts); elsewhere a chunk of rows dequantized
+                                   by qgemv.c, then torch's GEMM (bf16 widened to fp32 where the CPU
+                                   has no bf16 arithmetic)
 Without it (no compiler, ERNIE_HAL_CPU_NATIVE=0), torch's own weight-pack GEMMs:
   wint8 per channel   aten._weight_int8pack_mm on the packed int8 layout as it is
   wint8 grouped       the same op once per group of input columns, the partial products summed
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from ...kernels.reference import quantized as ref
 from ...kernels.reference.dequant import unpack_int4
 from ...kernels.reference.moe import grouped_experts, moe_route
-from .prefill_gemm import bf16_gemm_is_native
+from .prefill_gemm import bf16_gemm_is_native, native_gemm, native_gemm_wins
 
 INT4_GROUPS = (256, 128, 64, 32)
 QGEMV_MAX_ROWS = 8                 # qgemv.c's row limit: one pass
@@ -84,16 +86,20 @@ def _gemm_int4(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
     return gemm
 
 
-def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_activations: bool = False):
-    """The packed weight as stored: qgemv (or qgemv_a8) for decode rows, dequantized chunks + GEMM
-    for prefill. int8_activations where qgemv_a8 takes the shape (whole blocks of 32 columns, 64
-    for wint4), else the exact qgemv."""
+def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_activations: bool = False,
+                 own_gemm: bool | None = None):
+    """The packed weight as stored: qgemv (or qgemv_a8) for decode rows; for prefill gemm.c
+    (own_gemm; default: where it beats torch's GEMM), else dequantized chunks + torch's GEMM.
+    int8_activations where qgemv_a8 takes the shape (whole blocks of 32 columns, 64 for wint4),
+    else the exact qgemv."""
     data, scales = data.contiguous(), scales.contiguous()      # views of the loaded tensors
     N, G = scales.shape
     K = data.shape[1] * (2 if bits == 4 else 1)
     decode = lib.qgemv_a8 if int8_activations and lib.qgemv_a8_supported(bits, K, G) else lib.qgemv
     chunk = max(16, PREFILL_CHUNK_BYTES // (4 * K))
     widen = not bf16_gemm_is_native()
+    if own_gemm is None:
+        own_gemm = native_gemm_wins(lib)
 
     def dequantized(x_dtype, n0, n1, wide=False):
         """Rows [n0, n1) as the reference casts them to x_dtype; wide: those bf16 values in fp32."""
@@ -120,7 +126,14 @@ def _gemm_native(lib, data: torch.Tensor, scales: torch.Tensor, bits: int, int8_
                              torch.get_num_threads()):
                     raise MemoryError("qgemv: no memory for its activation scratch")
             return y.view(*x.shape[:-1], N)
-        # prefill: dequantized row chunks through torch's GEMM; without bf16 arithmetic the
+        if own_gemm and x2.dtype in NATIVE_DTYPES:
+            # prefill: gemm.c dequantizes tile by tile in L1 (the reference's values: rounded to
+            # bf16 for a bf16 model), no dequantized copy in memory
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return native_gemm(lib, x2, data, N, kind=bits, scales=scales,
+                               round_bf16=x2.dtype == torch.bfloat16).view(*x.shape[:-1], N)
+        # prefill elsewhere: dequantized row chunks through torch's GEMM; without bf16 arithmetic the
         # reference's bf16-rounded weights widened to fp32 (prefill_gemm.py)
         wide = widen and x2.dtype == torch.bfloat16
         xs = x2.float() if wide else x2

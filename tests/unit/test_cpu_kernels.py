@@ -72,7 +72,7 @@ def test_portable_c_gemv_matches_reference(monkeypatch, dtype):
 
 @needs_native
 def test_native_linear_takes_strided_rows_and_falls_back_for_prefill():
-    linear = cpu_kernels.make_linear(NATIVE)
+    linear = cpu_kernels.make_linear(NATIVE, own_gemm=False)     # the own GEMM: test_cpu_gemm.py
     big = torch.randn(2, 96, dtype=torch.bfloat16)
     x = big[:, 16:80]                                  # rows strided, columns contiguous
     w = torch.randn(40, 64, dtype=torch.bfloat16)

@@ -52,9 +52,9 @@ def test_bf16_arithmetic_is_read_from_the_cpu_flags(tmp_path, flags, native):
 def test_the_cpu_linear_widens_prefill_only_when_asked():
     x = torch.randn(cpu_kernels.CHUNKED_GEMV_ROWS + 8, 64).to(torch.bfloat16)      # prefill-sized
     w = torch.randn(48, 64).to(torch.bfloat16)
-    widened = cpu_kernels.make_linear(NATIVE, widen_bf16=True)(x, w)
+    widened = cpu_kernels.make_linear(NATIVE, widen_bf16=True, own_gemm=False)(x, w)
     assert torch.equal(widened, prefill_gemm.linear_fp32(x, w))
-    assert torch.equal(cpu_kernels.make_linear(NATIVE, widen_bf16=False)(x, w), F.linear(x, w))
+    assert torch.equal(cpu_kernels.make_linear(NATIVE, widen_bf16=False, own_gemm=False)(x, w), F.linear(x, w))
     # decode rows stay on the native GEMV either way
     one = x[:1]
     assert torch.equal(cpu_kernels.make_linear(NATIVE, widen_bf16=True)(one, w),
@@ -64,12 +64,13 @@ def test_the_cpu_linear_widens_prefill_only_when_asked():
 @pytest.mark.skipif(NATIVE is None, reason=f"native GEMV unavailable: {WHY}")
 @pytest.mark.parametrize("rows", [9, 16, 20, 32])
 def test_decode_batches_past_eight_rows_run_the_gemv_in_passes(rows):
-    """Without bf16 arithmetic a 9..32-row bf16 batch runs the native GEMV 8 rows a pass: the
-    values each 8-row batch gets alone."""
+    """Without bf16 arithmetic and off the own GEMM (which takes 12 rows on where it wins:
+    test_cpu_gemm.py) a 9..32-row bf16 batch runs the native GEMV 8 rows a pass: the values each
+    8-row batch gets alone."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
     w = torch.randn(40, 64, generator=g).to(torch.bfloat16)
-    linear = cpu_kernels.make_linear(NATIVE, widen_bf16=True)
+    linear = cpu_kernels.make_linear(NATIVE, widen_bf16=True, own_gemm=False)
     got = linear(x, w)
     assert torch.equal(got, torch.cat([linear(x[m:m + 8], w) for m in range(0, rows, 8)]))
     torch.testing.assert_close(got.float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)

@@ -171,14 +171,14 @@ def test_portable_c_kernels_match_reference(monkeypatch, scheme):
 @pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint8", 64), ("wint4", 128), ("wint4", 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_prefill_equals_reference(monkeypatch, scheme, group, dtype):
-    """Prefill rows: the reference's dequantized values (bit for bit) through torch's GEMM, one
-    chunk or several."""
+    """Prefill rows off the own GEMM (test_cpu_gemm.py covers it): the reference's dequantized
+    values (bit for bit) through torch's GEMM, one chunk or several."""
     g = torch.Generator().manual_seed(1)
     pw = quantize(torch.randn(100, 256, generator=g), resolve(scheme, group), dtype)
     x = torch.randn(cpu.CHUNKED_QGEMV_ROWS + 3, 256, generator=g).to(dtype)
-    assert torch.equal(cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x), ref.linear(x, pw))
+    assert torch.equal(cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits, own_gemm=False)(x), ref.linear(x, pw))
     monkeypatch.setattr(cpu, "PREFILL_CHUNK_BYTES", 32 * 4 * 256)       # 32 rows per chunk
-    got = cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits)(x)
+    got = cpu._gemm_native(LIB, pw.data, pw.scales, pw.bits, own_gemm=False)(x)
     torch.testing.assert_close(got, ref.linear(x, pw), rtol=TOL[dtype], atol=TOL[dtype])
 
 
