@@ -147,3 +147,19 @@ def test_quantized_prefill_on_the_own_gemm_matches_the_reference(scheme, group, 
     torch.testing.assert_close(gemm(x), want, atol=tol, rtol=tol)
     assert torch.equal(gemm(x), prefill_gemm.native_gemm(LIB, x, pw.data, 100, kind=pw.bits, scales=pw.scales,
                                                          round_bf16=dtype == torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("kind,group", [("wint8", -1), ("wint8", 32), ("wint4", 128), ("wint4", 32)])
+@pytest.mark.parametrize("round_bf16", [False, True])
+def test_the_dequantized_tiles_are_the_references_values_bit_for_bit(kind, group, round_bf16):
+    """x = I: each output is one weight value times 1, so y is the tile the kernel multiplied;
+    K = 300 runs the vector loops and the scalar tail."""
+    g = torch.Generator().manual_seed(11)
+    K = 320 if kind == "wint4" and group == 32 else 300
+    if K % max(group, 1):
+        group = -1
+    w, scales, values = _weights(kind, 29, K, group, g)
+    got = _gemm(LIB, kind, torch.eye(K), w, scales, 29, round_bf16)
+    want = values.bfloat16().float() if round_bf16 else values
+    assert torch.equal(got.t(), want)
