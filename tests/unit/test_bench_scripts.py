@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -80,20 +82,34 @@ def test_profile_decode_names_packed_projections(tmp_path):
     assert data["quantization"] == "wint4" and {"linear head", "linear qkv", "linear o", "swiglu_mlp"} <= whats  # packed qkv fused too
 
 
-def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
-    """scripts/gpu_checks.sh is what a session with a GPU runs in one call; QUICK=1 on the CPU
-    checks that every step's command line works before GPU time is spent on it."""
+GPU_CHECKS = BENCH.parent / "scripts" / "gpu_checks.sh"
+
+
+def _gpu_checks_quick(tmp_path, *steps):
     import os
-    script = BENCH.parent / "scripts" / "gpu_checks.sh"
     env = dict(os.environ, QUICK="1", DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
                CKPT=str(tmp_path / "ckpt"))
-    proc = subprocess.run(["bash", str(script), "env", "conformance", "ops", "e2e-small", "e2e-21b", "launches",
-                           "parallel"], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(["bash", str(GPU_CHECKS), *steps], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "7 steps, 0 failed" in proc.stdout
-    # the one-GPU run (every default step) fits the 8 minutes a session can give it
-    limits = dict(re.findall(r"run_step ([\w-]+) (\d+) ", script.read_text()))
+    assert f"{len(steps)} steps, 0 failed" in proc.stdout
+    return tmp_path / "out"
+
+
+def test_gpu_checks_script_fits_a_session_and_its_cheap_steps_run_on_cpu(tmp_path):
+    """scripts/gpu_checks.sh is what a session with a GPU runs in one call: the one-GPU run
+    (every default step) fits the 8 minutes a session can give it, and the steps that import
+    little run with QUICK=1 (every step: the slow test below; each benchmark's own test runs it)."""
+    limits = dict(re.findall(r"run_step ([\w-]+) (\d+) ", GPU_CHECKS.read_text()))
     assert len(limits) == 7 and sum(int(v) for k, v in limits.items() if k != "parallel") <= 8 * 60
+    out = _gpu_checks_quick(tmp_path, "env", "launches")
+    for name in ("devices.json", "launch_counts_cpu.json"):
+        assert json.loads((out / name).read_text()), name
+
+
+@pytest.mark.slow      # ~3 minutes on 2 cores; run before a session that has a GPU
+def test_gpu_checks_script_runs_every_step_quick_on_cpu(tmp_path):
+    """QUICK=1 on the CPU checks that every step's command line works before GPU time is spent on it."""
+    _gpu_checks_quick(tmp_path, "env", "conformance", "ops", "e2e-small", "e2e-21b", "launches", "parallel")
     out = tmp_path / "out"
     for name in ("devices.json", "conformance_cpu.json", "bench_ops_cpu.json", "bench_e2e_cpu_small.json",
                  "bench_e2e_cpu_21b.json", "launch_counts_cpu.json", "bench_parallel_cpu.json",
