@@ -175,8 +175,9 @@ def test_discrete_device_path_pinned_tier_and_chunked_copies(ckpt_dir, resident)
     m = Model(ckpt_dir, ckpt.config, backend, torch.bfloat16,
               ErnieModel(graph, backend, KernelTable(ops=dict(OPS)), store, torch.bfloat16), None, True, 0, plan=p)
     # reference kernels here, the CPU backend's in `resident`: bit-equal where the CPU multiplies
-    # bf16; without bf16 arithmetic its prefill GEMM runs widened to fp32 (another summation order)
-    torch.testing.assert_close(m.logits(PROMPT), resident["logits"], atol=2e-2, rtol=2e-2)
+    # bf16; without bf16 arithmetic its prefill GEMM runs in fp32 (gemm.c or widened: another
+    # summation order, whose bf16 roundings differ by an ulp here and there through the layers)
+    torch.testing.assert_close(m.logits(PROMPT), resident["logits"], atol=6e-2, rtol=2e-2)
     stats = store.stats()
     assert stats["h2d_bytes"] > 0 and stats["pinned_host_bytes"] <= 24 * MiB
     assert backend.memory.peak <= 10 * MiB
