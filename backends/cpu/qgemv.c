@@ -319,20 +319,10 @@ void ernie_qdequant(int bits, const uint8_t *w, const float *s, int64_t G, void 
             int64_t len = K - k0 < step ? K - k0 : step;
             float sc = sn[k0 / gs];
             float *dst = form == 1 ? tmp : of + k0;
-            if (bits == 8) {
-                const int8_t *q = (const int8_t *)wn + k0;
-                for (int64_t k = 0; k < len; k++) dst[k] = (float)q[k] * sc;
-            } else {
-                const uint8_t *q = wn + k0 / 2;
-                for (int64_t j = 0; j < len / 2; j++) {
-                    dst[2 * j] = (float)((int)(q[j] & 15) - 8) * sc;
-                    dst[2 * j + 1] = (float)((int)(q[j] >> 4) - 8) * sc;
-                }
-            }
+            dequant_run(bits, bits == 8 ? (const void *)(wn + k0) : (const void *)(wn + k0 / 2), len, sc, form == 2,
+                        dst);
             if (form == 1)
                 for (int64_t k = 0; k < len; k++) ob[k0 + k] = f32_to_bf16(tmp[k]);
-            else if (form == 2)
-                for (int64_t k = 0; k < len; k++) dst[k] = bf16_to_f32(f32_to_bf16(dst[k]));
         }
     }
 }
