@@ -1,7 +1,7 @@
 """Prefill-sized GEMMs on CPUs without bf16 arithmetic.
 
 Where AVX2 is the widest vector unit, prefill runs the project's own GEMM (gemm.c): it widens bf16
-and dequantizes wint8/wint4 weights tile by tile in L1 and ran 1.1-2x torch's fp32 GEMM (MKL) on
+and dequantizes wint8/wint4 weights a block at a time in L2 and ran 1.0-2x torch's fp32 GEMM (MKL) on
 the 0.3B projections here, bf16 widening included. Elsewhere (AVX-512 builds, no compiler):
 
 torch's bf16 GEMM is fast where the CPU multiplies bf16 (AVX512-BF16, AMX-BF16: oneDNN) and slow
