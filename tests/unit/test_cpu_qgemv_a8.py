@@ -59,6 +59,27 @@ def test_native_a8_kernel_matches_its_reference(scheme, group, K, dtype):
     _check_kernel(LIB, scheme, group, K, dtype)
 
 
+@needs_native
+@pytest.mark.parametrize("scheme,group", [("wint8", -1), ("wint4", 128), ("wint4", 32)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_a8_kernel_quantizes_ties_and_zero_blocks_as_the_reference(scheme, group, rows):
+    """Blocks whose x / d land exactly on .5 (d = 1: 127 leads the block) round half to even, an
+    all-zero block gets d = 0, in the kernel's vector quantization as in the oracle's: one code off
+    by one would move an output by ~1e-3 of its size."""
+    K = 256
+    pw, g = _packed(scheme, group, K, seed=7)
+    x = torch.randn(rows, K, generator=g)
+    x[:, 0:32] = torch.tensor([127.0] + [i + 0.5 for i in range(15)] + [-i - 0.5 for i in range(16)])
+    x[:, 64:96] = 0.0
+    x[:, 160:192] = torch.tensor([-127.0, 126.5, -126.5, 2.5] * 8)
+    for dtype in (torch.float32, torch.bfloat16):          # every value above is exact in bf16
+        xd = x.to(dtype)
+        got, want = _kernel(LIB, pw, xd).float(), a8.linear(xd.float(), pw)
+        if dtype == torch.bfloat16:
+            want = want.to(torch.bfloat16).float()
+        assert ((got - want).abs().max() / want.abs().max()).item() < (1e-6 if dtype == torch.float32 else 2 ** -8)
+
+
 def test_portable_c_a8_kernel_matches_its_reference(monkeypatch):
     """The integer loops a machine without AVX2 runs (built without -march=native)."""
     monkeypatch.setenv("ERNIE_HAL_CPU_NATIVE", "portable")
